@@ -1,0 +1,127 @@
+"""The run configuration: one TOML file, validated by these pydantic models (the schema), with
+dotted command-line overrides (`--set train.lr=3e-4`). Unknown or invalid fields fail before any
+training with a one-line message naming the field."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from capshape.errors import CapshapeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    tasks: list[str] = Field(["add", "sub", "reverse", "copy"], min_length=1, description="Built-in task names (see `capshape tasks`).")
+    jsonl: list[Path] = Field([], description="JSONL files of user tasks; each group becomes a task.")
+    mixture: Literal["uniform", "zipf", "explicit"] = Field("uniform", description="How tasks are weighted when sampling.")
+    zipf_exponent: float = Field(1.0, gt=0, description="Exponent s of p_i ∝ i^-s for mixture='zipf'.")
+    weights: dict[str, float] = Field({}, description="Per-task weights for mixture='explicit'.")
+    train_examples: int = Field(20000, gt=0, description="Size of each task's training pool.")
+    eval_examples: int = Field(256, gt=0, description="Size of each task's held-out set (disjoint from training).")
+    stratify: bool = Field(True, description="Every task appears in every batch.")
+    group_by: Literal["task", "group"] = Field("task", description="Capability groups for grouped objectives: one per task, or the tasks' group labels.")
+
+    @model_validator(mode="after")
+    def _positive_weights(self) -> "DataConfig":
+        bad = [k for k, v in self.weights.items() if not v > 0]
+        if bad:
+            raise ValueError(f"weight of '{bad[0]}' must be > 0")
+        return self
+
+
+class ModelConfig(Section):
+    n_layer: int = Field(2, gt=0, description="Transformer blocks.")
+    n_head: int = Field(4, gt=0, description="Attention heads per block.")
+    d_model: int = Field(128, gt=0, description="Residual stream width (divisible by n_head).")
+    d_mlp: int = Field(512, gt=0, description="MLP hidden width.")
+    max_len: int = Field(24, gt=1, description="Longest token sequence (prompt + target + specials).")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(2000, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(128, gt=0, description="Examples per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps before the cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="Max global gradient norm (none to disable).")
+    eval_every: int = Field(50, gt=0, description="Evaluate every task's held-out set every N steps.")
+    checkpoint_every: int = Field(500, gt=0, description="Write checkpoints/last.safetensors every N steps.")
+    threads: int = Field(0, ge=0, description="torch threads per run (0: cores / workers).")
+
+
+class RunConfig(Section):
+    name: str = Field("run", description="A label for the experiment.")
+    seeds: list[int] = Field([0], min_length=1, description="One run per seed and objective.")
+    objectives: list[str] = Field(["mean", "grouped"], min_length=1, description="Objectives to compare (see README).")
+    objective: dict[str, dict[str, Any]] = Field({}, description="Per-objective parameters, e.g. [objective.grouped] p = 2.")
+    workers: int = Field(1, ge=1, description="Runs trained in parallel processes.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def _first_error(error: ValidationError) -> str:
+    item = error.errors()[0]
+    field = ".".join(str(p) for p in item["loc"]) or "config"
+    message = item["msg"].removeprefix("Value error, ")
+    if item["type"] == "extra_forbidden":
+        return f"config field '{field}' is not known: remove it or fix its spelling."
+    return f"config field '{field}': {message} (got {item.get('input')!r})."
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is read as TOML, else kept as a string."""
+    if "=" not in text:
+        raise CapshapeError(f"--set {text!r}: expected key=value, e.g. --set train.steps=500.")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CapshapeError(f"--set {text!r}: '{part}' is not a section.")
+        node[path[-1]] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise CapshapeError(_first_error(error)) from None
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise CapshapeError(f"Config file {str(path)!r} does not exist: check the path.")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise CapshapeError(f"Config file {path.name} is not valid TOML: {error}.") from None
+    return build_config(raw, overrides)

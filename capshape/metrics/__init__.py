@@ -1,0 +1,23 @@
+"""Metrics for the shape of capability curves."""
+
+from capshape.metrics.emergence import (
+    alignment_tax,
+    breakthroughness,
+    composition_check,
+    emergence_metrics,
+    group_loss_spread,
+    logistic_fit,
+    steps_to_fraction,
+    token_edit_distance,
+)
+
+__all__ = [
+    "alignment_tax",
+    "breakthroughness",
+    "composition_check",
+    "emergence_metrics",
+    "group_loss_spread",
+    "logistic_fit",
+    "steps_to_fraction",
+    "token_edit_distance",
+]

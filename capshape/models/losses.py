@@ -1,0 +1,20 @@
+"""Per-example losses, the quantity every objective, gradient engine and protocol starts from."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from capshape.tasks.tokenizer import IGNORE
+
+
+def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over each example's target positions.
+
+    logits [B, T, V] with labels [B, T] (IGNORE where no loss), or logits [B, V] with labels [B].
+    Returns [B].
+    """
+    if logits.dim() == 2:
+        logits, labels = logits.unsqueeze(1), labels.unsqueeze(1)
+    token_losses = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none")
+    mask = labels != IGNORE
+    return token_losses.sum(1) / mask.sum(1).clamp(min=1)

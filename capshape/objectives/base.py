@@ -1,0 +1,73 @@
+"""An objective turns per-example losses (shape [B]) and group ids into per-example weights;
+the training step then backprops the single weighted sum Σ_j w_j ℓ_j (TorchJD/LibMTL style).
+
+Weights are constants (detached), chosen so that ∇ Σ_j w_j ℓ_j equals the gradient of the
+objective's value L; e.g. for L = Σ_g ℓ_g^p with ℓ_g = mean_{j∈g} ℓ_j, w_j = p ℓ_g^(p-1) / n_g.
+So any objective costs one ordinary backward, like the mean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from capshape.errors import CapshapeError
+from capshape.registry import Registry
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Weighting:
+    weights: torch.Tensor  # [B], detached
+    value: torch.Tensor  # scalar: the objective L itself, for logging
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def group_means(per_example_losses: torch.Tensor, group_ids: torch.Tensor, num_groups: int):
+    """Mean loss ℓ_g and count n_g of every group in the batch; absent groups have n_g = 0, ℓ_g = 0."""
+    counts = torch.bincount(group_ids, minlength=num_groups).to(per_example_losses.dtype)
+    sums = torch.zeros(num_groups, dtype=per_example_losses.dtype, device=per_example_losses.device)
+    sums = sums.index_add(0, group_ids, per_example_losses)
+    return sums / counts.clamp(min=1), counts
+
+
+class Objective:
+    """Subclasses set `Params` and implement `weigh`; stateful ones also (load_)state_dict."""
+
+    Params = Params
+
+    def __init__(self, params: Params, num_groups: int):
+        self.params = params
+        self.num_groups = num_groups
+
+    def weigh(self, per_example_losses: torch.Tensor, group_ids: torch.Tensor) -> Weighting:
+        raise NotImplementedError
+
+    def loss(self, per_example_losses: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, Weighting]:
+        """The scalar to backprop, Σ_j w_j ℓ_j, and the weighting it came from."""
+        weighting = self.weigh(per_example_losses.detach(), group_ids)
+        return (weighting.weights * per_example_losses).sum(), weighting
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+
+
+def build_objective(name: str, params: dict, num_groups: int) -> Objective:
+    cls = OBJECTIVES.get(name)
+    try:
+        parsed = cls.Params.model_validate(params or {})
+    except ValidationError as error:
+        item = error.errors()[0]
+        where = ".".join(str(p) for p in item["loc"])
+        raise CapshapeError(f"config field 'objective.{name}.{where}': {item['msg']}.") from None
+    return cls(parsed, num_groups)

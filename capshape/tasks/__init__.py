@@ -1,0 +1,10 @@
+"""Tasks: generators of (prompt, target) pairs with a capability group, the shared tokenizer,
+mixtures and the batch sampler. Built-in tasks register themselves on import."""
+from capshape.tasks import builtin  # noqa: F401  (registers the built-in tasks)
+from capshape.tasks.base import TASKS, FixedTask, Task, compose, exact_match, register
+from capshape.tasks.data import Batch, MixtureSampler, TaskData, build_task_data, mixture_weights
+from capshape.tasks.jsonl import load_jsonl_tasks
+from capshape.tasks.tokenizer import TOKENIZER
+
+__all__ = ["TASKS", "Task", "FixedTask", "compose", "exact_match", "register", "Batch", "MixtureSampler",
+           "TaskData", "build_task_data", "mixture_weights", "load_jsonl_tasks", "TOKENIZER"]

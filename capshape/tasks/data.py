@@ -1,0 +1,135 @@
+"""Tokenized training pools and held-out sets, mixture weights, and the batch sampler.
+
+Every task's data is generated once from a seed derived from (run seed, task name), so the same
+config always yields the same examples; held-out prompts never occur in the training pool.
+"""
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from capshape.errors import CapshapeError
+from capshape.tasks.base import Task
+from capshape.tasks.tokenizer import IGNORE, PAD, TOKENIZER
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # [B, T] token ids
+    labels: torch.Tensor  # [B, T] target ids, IGNORE where no loss
+    task_ids: torch.Tensor  # [B]
+    group_ids: torch.Tensor  # [B]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.inputs, self.labels, self.task_ids, self.group_ids)))
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass
+class TokenizedSplit:
+    prompts: list[str]
+    targets: list[str]
+    inputs: torch.Tensor  # [N, T]
+    labels: torch.Tensor  # [N, T]
+
+
+@dataclass
+class TaskData:
+    task: Task
+    train: TokenizedSplit
+    held_out: TokenizedSplit
+
+
+def task_seed(seed: int, name: str) -> int:
+    """A per-task seed that is stable across processes and Python versions (unlike hash())."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
+
+
+def tokenize(pairs: list[tuple[str, str]], max_len: int, task_name: str) -> TokenizedSplit:
+    inputs = torch.full((len(pairs), max_len), PAD, dtype=torch.long)
+    labels = torch.full((len(pairs), max_len), IGNORE, dtype=torch.long)
+    for row, (prompt, target) in enumerate(pairs):
+        x, y = TOKENIZER.encode_pair(prompt, target)
+        if len(x) > max_len:
+            raise CapshapeError(
+                f"Task '{task_name}': example {prompt!r} -> {target!r} needs {len(x)} tokens; "
+                f"raise model.max_len (now {max_len})."
+            )
+        inputs[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+    return TokenizedSplit([p for p, _ in pairs], [t for _, t in pairs], inputs, labels)
+
+
+def build_task_data(task: Task, n_train: int, n_eval: int, seed: int, max_len: int) -> TaskData:
+    train, held_out = task.splits(n_train, n_eval, random.Random(task_seed(seed, task.name)))
+    assert not {p for p, _ in train} & {p for p, _ in held_out}, f"{task.name}: held-out prompt in training pool"
+    return TaskData(task, tokenize(train, max_len, task.name), tokenize(held_out, max_len, task.name))
+
+
+def mixture_weights(names: list[str], kind: str, zipf_exponent: float = 1.0,
+                    explicit: dict[str, float] | None = None) -> torch.Tensor:
+    """Sampling probability of each task: uniform, Zipfian (p_i ∝ i^-s in listed order), or explicit."""
+    if kind == "uniform":
+        weights = torch.ones(len(names))
+    elif kind == "zipf":
+        weights = torch.arange(1, len(names) + 1, dtype=torch.float64) ** -zipf_exponent
+    elif kind == "explicit":
+        explicit = explicit or {}
+        unknown = sorted(set(explicit) - set(names))
+        if unknown:
+            raise CapshapeError(f"data.weights: '{unknown[0]}' is not in data.tasks: list it there or remove it.")
+        missing = [n for n in names if n not in explicit]
+        if missing:
+            raise CapshapeError(f"data.weights: no weight for task '{missing[0]}': give every task a weight.")
+        weights = torch.tensor([float(explicit[n]) for n in names])
+    else:
+        raise CapshapeError(f"data.mixture: unknown kind '{kind}': use uniform, zipf or explicit.")
+    return (weights / weights.sum()).float()
+
+
+class MixtureSampler:
+    """Draws batches from the tasks' training pools with a seeded torch.Generator.
+
+    With `stratify`, every task contributes at least one example per batch and the remaining
+    slots are drawn from the mixture, so every group is present at every step.
+    """
+
+    def __init__(self, data: list[TaskData], weights: torch.Tensor, group_of_task: list[int],
+                 batch_size: int, stratify: bool, seed: int):
+        if stratify and batch_size < len(data):
+            raise CapshapeError(
+                f"train.batch_size={batch_size} is smaller than the {len(data)} tasks: raise it or set data.stratify=false."
+            )
+        self.data, self.weights, self.batch_size, self.stratify = data, weights, batch_size, stratify
+        self.group_of_task = torch.tensor(group_of_task)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def task_counts(self) -> torch.Tensor:
+        fixed = torch.ones(len(self.data), dtype=torch.long) if self.stratify else torch.zeros(len(self.data), dtype=torch.long)
+        free = self.batch_size - int(fixed.sum())
+        drawn = torch.multinomial(self.weights, free, replacement=True, generator=self.generator)
+        return fixed + torch.bincount(drawn, minlength=len(self.data))
+
+    def sample(self) -> Batch:
+        inputs, labels, task_ids = [], [], []
+        for task_id, count in enumerate(self.task_counts().tolist()):
+            if count == 0:
+                continue
+            pool = self.data[task_id].train
+            rows = torch.randint(len(pool.inputs), (count,), generator=self.generator)
+            inputs.append(pool.inputs[rows])
+            labels.append(pool.labels[rows])
+            task_ids.append(torch.full((count,), task_id))
+        task_ids = torch.cat(task_ids)
+        return Batch(torch.cat(inputs), torch.cat(labels), task_ids, self.group_of_task[task_ids])
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)

@@ -1,0 +1,83 @@
+"""The run store: one directory per run.
+
+    config.json        resolved config of this run
+    status.json        {"status": running|finished|failed, "error": ...}
+    metrics.jsonl      one row per evaluation, appended and fsynced as measured
+    summary.json       emergence metrics (written atomically at the end)
+    checkpoints/last.safetensors, model.safetensors
+
+Every whole-file write goes to a temporary file that is fsynced and renamed over the target, so a
+crash never leaves a half-written file; a run is finished only once status.json says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from capshape.errors import CapshapeError
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CapshapeError(f"{path} does not exist: is this a capshape run directory?") from None
+    except json.JSONDecodeError as error:
+        raise CapshapeError(f"{path} is not valid JSON ({error.msg}): the file is damaged.") from None
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.checkpoint_path = self.path / "checkpoints" / "last.safetensors"
+
+    def status(self) -> dict:
+        path = self.path / "status.json"
+        return read_json(path) if path.exists() else {"status": "missing"}
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        write_json(self.path / "status.json", {"status": status, **extra})
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut by a crash mid-write: everything before it is intact
+        return rows
+
+    def keep_metrics_until(self, step: int) -> None:
+        """Drop rows measured after `step` (used when resuming from a checkpoint at `step`)."""
+        rows = [row for row in self.read_metrics() if row["step"] <= step]
+        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())

@@ -147,13 +147,16 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
     started = time.perf_counter()
     model.train()
     for step in range(start, steps + 1):
-        if step % train.eval_every == 0 or step == steps:
-            row = {"step": step, "eval": evaluate(model, prepared.data, device), "seconds": time.perf_counter() - started}
-            if totals["count"]:
-                row["train"] = {k: totals[k] / totals["count"] for k in ("loss", "objective", "grad_norm")}
-                row["train"]["lr"] = learning_rate(step - 1, config)
-            run.append_metrics(row)
-            totals = dict.fromkeys(totals, 0.0)
+        if step > start or start == 0:  # a resumed run's row and checkpoint at `start` are already stored
+            if step % train.eval_every == 0 or step == steps:
+                row = {"step": step, "eval": evaluate(model, prepared.data, device), "seconds": time.perf_counter() - started}
+                if totals["count"]:
+                    row["train"] = {k: totals[k] / totals["count"] for k in ("loss", "objective", "grad_norm")}
+                    row["train"]["lr"] = learning_rate(step - 1, config)
+                run.append_metrics(row)
+                totals = dict.fromkeys(totals, 0.0)
+            if step > start and (step % train.checkpoint_every == 0 or step == steps):
+                save_checkpoint(run.checkpoint_path, step, model, optimizer, objective, sampler)
         if step == steps:
             break
         for group in optimizer.param_groups:
@@ -175,9 +178,6 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
         totals["objective"] += float(weighting.value)
         totals["grad_norm"] += float(grad_norm)
         totals["count"] += 1
-        if (step + 1) % train.checkpoint_every == 0:
-            save_checkpoint(run.checkpoint_path, step + 1, model, optimizer, objective, sampler)
         if on_progress:
             on_progress(step + 1, mean_loss)
-    save_checkpoint(run.checkpoint_path, steps, model, optimizer, objective, sampler)
     save_model(run.path / "model.safetensors", model)

@@ -78,6 +78,6 @@ class RunDir:
         return rows
 
     def keep_metrics_until(self, step: int) -> None:
-        """Drop rows measured after `step` (used when resuming from a checkpoint at `step`)."""
+        """Drop rows measured after `step`, the step of the checkpoint a run resumes from."""
         rows = [row for row in self.read_metrics() if row["step"] <= step]
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())

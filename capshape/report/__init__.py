@@ -1,0 +1,148 @@
+"""The report layer: reads a finished run or comparison directory and writes a self-contained
+`report.html` into it (every plot embedded as a base64 PNG), plus each plot as `plots/<name>.png`.
+
+It only reads run directories: it never trains, and never imports the training loop or the
+experiment protocols (only the run-store helpers of `capshape.train.rundir`).
+
+    build_report(path)   # -> path / "report.html"
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from capshape.errors import CapshapeError
+from capshape.report.html import render_page
+from capshape.report.plots import render_plots
+from capshape.train.rundir import RunDir, read_json, write_atomic
+
+__all__ = ["build_report", "load_experiment", "Experiment", "Run"]
+
+
+def _points(pairs) -> dict[int, float]:
+    """step -> value, leaving out steps whose value is missing (None)."""
+    return {step: value for step, value in pairs if value is not None}
+
+
+@dataclass
+class Run:
+    """One trained run: its metrics rows (metrics.jsonl) and its summary.json."""
+
+    objective: str
+    seed: int
+    rows: list[dict]
+    summary: dict
+
+    def eval_curve(self, task: str, metric: str) -> dict[int, float]:
+        return _points((row["step"], row["eval"].get(task, {}).get(metric)) for row in self.rows)
+
+    def train_curve(self, key: str = "loss") -> dict[int, float]:
+        return _points((row["step"], row.get("train", {}).get(key)) for row in self.rows)
+
+    def summary_curve(self, values: list) -> dict[int, float]:
+        """A per-eval list stored in summary.json (e.g. group-loss cv), keyed by eval step."""
+        return _points(zip(self.summary["steps"], values))
+
+
+@dataclass
+class Experiment:
+    """What a report shows: per-objective statistics in the comparison summary format
+    (`{objective: {"seeds", "tasks": {task: {metric: {"mean","std","n"}, "group"}}, ...}}`),
+    the runs behind them, and the runs that failed."""
+
+    path: Path
+    config: dict
+    stats: dict[str, dict]
+    runs: list[Run]
+    failed: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name", self.path.name)
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.stats)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(task for stats in self.stats.values() for task in stats["tasks"]))
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({run.seed for run in self.runs})
+
+    @property
+    def steps(self) -> int:
+        return self.config.get("train", {}).get("steps") or max(row["step"] for run in self.runs for row in run.rows)
+
+    @property
+    def composed_tasks(self) -> list[str]:
+        return list(dict.fromkeys(task for run in self.runs for task in run.summary.get("composition") or {}))
+
+    def runs_of(self, objective: str) -> list[Run]:
+        return [run for run in self.runs if run.objective == objective]
+
+
+def _load_run(path: Path) -> Run:
+    summary = read_json(path / "summary.json")
+    return Run(summary["objective"], summary["seed"], RunDir(path).read_metrics(), summary)
+
+
+def _single_value(value) -> dict:
+    return {"mean": value, "std": None if value is None else 0.0, "n": int(value is not None)}
+
+
+def _single_run_stats(summary: dict) -> dict:
+    """One run's summary in the per-objective comparison format (n = 1)."""
+    tasks = {
+        task: {**{key: _single_value(value) for key, value in metrics.items() if key not in ("group", "final_eval")},
+               **{f"final_{key}": _single_value(value) for key, value in metrics["final_eval"].items()},
+               "group": metrics["group"]}
+        for task, metrics in summary["tasks"].items()
+    }
+    return {
+        "seeds": [summary["seed"]],
+        "tasks": tasks,
+        "mean_eval_loss": _single_value(summary["mean_eval_loss"]),
+        "mean_accuracy": _single_value(summary["mean_accuracy"]),
+        # the tax is measured against `mean` with the same seed: known only for `mean` itself
+        "alignment_tax": _single_value(0.0 if summary["objective"] == "mean" else None),
+    }
+
+
+def load_experiment(path: Path) -> Experiment:
+    """Reads a comparison directory (summary.json with "objectives") or a single run directory
+    (metrics.jsonl and summary.json with "tasks")."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CapshapeError(f"{path} is not a directory: pass a run or comparison directory written by capshape.")
+    if not (path / "summary.json").exists():
+        raise CapshapeError(f"{path} has no summary.json: pass a finished run or comparison directory "
+                            f"(a run still training gets one when status.json says finished).")
+    summary = read_json(path / "summary.json")
+    config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+    if "objectives" in summary:
+        runs = [_load_run(path / f"{objective}-seed{seed}")
+                for objective, stats in summary["objectives"].items() for seed in stats["seeds"]]
+        failed = summary.get("failed") or {}
+        if not runs:
+            raise CapshapeError(f"{path}: no run finished, so there is nothing to report "
+                                f"({len(failed)} failed); fix the cause and rerun with --resume.")
+        return Experiment(path, config, summary["objectives"], runs, failed)
+    if "tasks" in summary and (path / "metrics.jsonl").exists():
+        run = _load_run(path)
+        return Experiment(path, config, {run.objective: _single_run_stats(summary)}, [run], {})
+    raise CapshapeError(f"{path} is neither a run directory (metrics.jsonl and summary.json with 'tasks') nor a "
+                        f"comparison directory (summary.json with 'objectives'): pass a directory written by capshape.")
+
+
+def build_report(path: Path) -> Path:
+    """Writes `report.html` (and `plots/*.png`) into the run or comparison directory `path`; returns its path."""
+    experiment = load_experiment(path)
+    images = render_plots(experiment)
+    for name, png in images.items():
+        write_atomic(experiment.path / "plots" / f"{name}.png", png)
+    report = experiment.path / "report.html"
+    write_atomic(report, render_page(experiment, images).encode())
+    return report

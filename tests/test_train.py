@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from capshape.errors import CapshapeError
+from capshape.train import RunDir, learning_rate, read_tensors, train_run
+
+
+def _eval_rows(path):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in RunDir(path).read_metrics()]
+
+
+def test_tiny_run_writes_a_complete_run_directory(tmp_path, tiny_config):
+    summary = train_run(tiny_config, "grouped", 0, tmp_path / "run")
+    run = tmp_path / "run"
+    assert RunDir(run).status()["status"] == "finished"
+    assert [row["step"] for row in RunDir(run).read_metrics()] == [0, 4, 8, 12]
+    assert set(summary["tasks"]) == {"copy", "add"}
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert json.loads((run / "config.json").read_text())["objectives"] == ["grouped"]
+    tensors, meta = read_tensors(run / "checkpoints" / "last.safetensors")
+    assert meta["step"] == 12 and "rng.sampler" in tensors
+    assert (run / "model.safetensors").exists()
+
+
+def test_same_seed_same_numbers(tmp_path, tiny_config):
+    train_run(tiny_config, "mean", 0, tmp_path / "a")
+    train_run(tiny_config, "mean", 0, tmp_path / "b")
+    assert _eval_rows(tmp_path / "a") == _eval_rows(tmp_path / "b")
+
+
+@pytest.mark.parametrize("objective", ["mean", "group_dro"])
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_config, objective):
+    train_run(tiny_config, objective, 0, tmp_path / "whole")
+
+    def crash(step, loss):
+        if step == 7:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        train_run(tiny_config, objective, 0, tmp_path / "cut", on_progress=crash)
+    assert RunDir(tmp_path / "cut").status() == {"status": "failed", "objective": objective, "seed": 0,
+                                                 "error": "simulated crash"}
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    train_run(tiny_config, objective, 0, tmp_path / "cut", resume=True)
+    assert _eval_rows(tmp_path / "cut") == _eval_rows(tmp_path / "whole")
+
+
+def test_existing_run_needs_resume(tmp_path, tiny_config):
+    train_run(tiny_config, "mean", 0, tmp_path / "r")
+    with pytest.raises(CapshapeError, match="--resume"):
+        train_run(tiny_config, "mean", 0, tmp_path / "r")
+
+
+def test_truncated_checkpoint_is_detected(tmp_path, tiny_config):
+    train_run(tiny_config, "mean", 0, tmp_path / "r")
+    path = tmp_path / "r" / "checkpoints" / "last.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CapshapeError, match="corrupted or truncated"):
+        read_tensors(path)
+    with pytest.raises(CapshapeError, match="does not exist"):
+        read_tensors(tmp_path / "none.safetensors")
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_config):
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"lr": 1e30, "grad_clip": None})})
+    with pytest.raises(CapshapeError, match="Non-finite"):
+        train_run(config, "mean", 0, tmp_path / "r")
+    assert RunDir(tmp_path / "r").status()["status"] == "failed"
+
+
+def test_learning_rate_schedule(tiny_config):
+    lrs = [learning_rate(s, tiny_config) for s in range(tiny_config.train.steps)]
+    peak = tiny_config.train.lr
+    assert lrs[0] == pytest.approx(peak / 2) and lrs[1] == pytest.approx(peak)
+    assert lrs[-1] == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 9 / 10))))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))

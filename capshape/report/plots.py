@@ -58,7 +58,7 @@ def grid_figure(panels: dict[str, list[Series]], ylabel: str, sharey: bool = Tru
     """One panel per entry (title -> lines), shared x (and by default y) axes, one legend on top."""
     columns = min(max_columns, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.6 * rows + 0.6), sharex=True, sharey=sharey,
+    fig, axes = plt.subplots(rows, columns, figsize=(max(3.4 * columns, 6.5), 2.6 * rows + 0.6), sharex=True, sharey=sharey,
                              squeeze=False, layout="constrained")
     for ax, (title, lines) in zip(axes.flat, panels.items()):
         for series in lines:
@@ -74,7 +74,8 @@ def grid_figure(panels: dict[str, list[Series]], ylabel: str, sharey: bool = Tru
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel)
     handles = {label: handle for ax in fig.axes for handle, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="outside upper center", ncol=min(len(handles), 6), frameon=False)
+    fig.legend(handles.values(), handles.keys(), loc="outside upper center", ncol=min(len(handles), 2 * columns, 6),
+               frameon=False)
     return fig
 
 
@@ -132,9 +133,11 @@ def alignment_tax_figure(experiment: Experiment):
             if value["mean"] is None:
                 ax.text(index, 0, "n/a", ha="center", va="bottom")
                 continue
-            ax.bar(index, value["mean"], yerr=value["std"] if value["n"] > 1 else None, capsize=4,
-                   color=color_of(experiment, objective))
+            bars = ax.bar(index, value["mean"], yerr=value["std"] if value["n"] > 1 else None, capsize=4,
+                          color=color_of(experiment, objective))
+            ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.axhline(0, color="black", linewidth=0.8)
+        ax.margins(y=0.15)
         ax.set_xticks(range(len(experiment.objectives)), experiment.objectives)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
@@ -143,7 +146,7 @@ def alignment_tax_figure(experiment: Experiment):
 
 def png_bytes(fig) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
 

@@ -38,12 +38,13 @@ def user_errors(command):
 
 
 def _run_and_report(config_path: Path, overrides: list[str], out: Path, resume: bool) -> None:
-    from capshape.experiments import run_comparison
+    from capshape.experiments import raise_failures, run_comparison
     from capshape.report import build_report
 
     config = load_config(config_path, overrides)
     summary = run_comparison(config, out, resume=resume)
     report = build_report(out)
+    raise_failures(summary)
     for objective, stats in summary["objectives"].items():
         tax = stats["alignment_tax"]["mean"]
         console.print(f"{objective:>12}: mean accuracy {stats['mean_accuracy']['mean']:.3f}, "
@@ -103,7 +104,7 @@ def tasks():
 @user_errors
 def runs(root: Path = typer.Argument(Path("runs"), help="Directory holding run directories.")):
     """List run directories under ROOT with their status."""
-    from capshape.train import RunDir
+    from capshape.runstore import RunDir
 
     if not root.is_dir():
         raise CapshapeError(f"{root} is not a directory: pass the folder that holds your runs.")

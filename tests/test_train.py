@@ -3,7 +3,8 @@ import json
 import pytest
 
 from capshape.errors import CapshapeError
-from capshape.train import RunDir, learning_rate, read_tensors, train_run
+from capshape.runstore import RunDir
+from capshape.train import learning_rate, read_tensors, train_run
 
 
 def _eval_rows(path):

@@ -17,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
-from capshape.train import RunDir, check_config, read_json, train_run, write_json
+from capshape.runstore import RunDir, read_json, write_json
+from capshape.train import check_config, train_run
 
 EMERGENCE_KEYS = ("step_10", "step_50", "step_90", "transition_width", "max_slope_per_pct", "jump",
                   "breakthroughness", "logistic_width")
@@ -84,11 +85,16 @@ def run_comparison(config: RunConfig, out: Path, resume: bool = False, show_prog
     summary = aggregate(out, specs)
     summary["failed"] = failures
     write_json(out / "summary.json", summary)
+    return summary
+
+
+def raise_failures(summary: dict) -> None:
+    """After the report is written: a comparison with failed runs is an error for the caller."""
+    failures = summary["failed"]
     if failures:
         name, error = next(iter(failures.items()))
-        raise CapshapeError(f"{len(failures)} of {len(specs)} runs failed; first: {name}: {error} "
+        raise CapshapeError(f"{len(failures)} of {len(summary['runs'])} runs failed; first: {name}: {error} "
                             f"(finished runs are kept; fix and rerun with --resume).")
-    return summary
 
 
 def _mean_std(values: list) -> dict:

@@ -2,7 +2,7 @@
 `report.html` into it (every plot embedded as a base64 PNG), plus each plot as `plots/<name>.png`.
 
 It only reads run directories: it never trains, and never imports the training loop or the
-experiment protocols (only the run-store helpers of `capshape.train.rundir`).
+experiment protocols (only the run-store helpers of `capshape.runstore`).
 
     build_report(path)   # -> path / "report.html"
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from capshape.errors import CapshapeError
 from capshape.report.html import render_page
 from capshape.report.plots import render_plots
-from capshape.train.rundir import RunDir, read_json, write_atomic
+from capshape.runstore import RunDir, read_json, write_atomic
 
 __all__ = ["build_report", "load_experiment", "Experiment", "Run"]
 

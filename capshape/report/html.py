@@ -37,7 +37,10 @@ dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; } d
 
 
 def number(value) -> str:
-    return "—" if value is None else f"{value:.3g}"
+    """3 significant digits, but whole numbers from 100 up (steps, widths) without an exponent."""
+    if value is None:
+        return "—"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def mean_std(stat: dict) -> str:
@@ -80,12 +83,10 @@ def emergence_table(experiment: Experiment) -> str:
     sub = "".join(f"<th>{escape(heading)}</th>" for _ in objectives for heading in EMERGENCE_COLUMNS.values())
     body = ""
     for task in experiment.tasks:
-        group = next(experiment.stats[o]["tasks"][task]["group"] for o in objectives if task in experiment.stats[o]["tasks"])
-        cells = "".join(
-            f"<td>{mean_std(experiment.stats[o]['tasks'][task][key])}</td>" if task in experiment.stats[o]["tasks"]
-            else "<td>—</td>"
-            for o in objectives for key in EMERGENCE_COLUMNS
-        )
+        per_objective = [experiment.stats[o]["tasks"].get(task) for o in objectives]  # None: task not in that run
+        group = next(stats["group"] for stats in per_objective if stats)
+        cells = "".join(f"<td>{mean_std(stats[key]) if stats else '—'}</td>"
+                        for stats in per_objective for key in EMERGENCE_COLUMNS)
         body += f"<tr><td>{escape(task)}</td><td>{escape(str(group))}</td>{cells}</tr>"
     return (f'<table><tr><th rowspan="2">task</th><th rowspan="2">group</th>{top}</tr><tr>{sub}</tr>{body}</table>'
             "<p>step 50% = first eval step where held-out accuracy reaches 50% of its final value; "

@@ -58,8 +58,9 @@ def grid_figure(panels: dict[str, list[Series]], ylabel: str, sharey: bool = Tru
     """One panel per entry (title -> lines), shared x (and by default y) axes, one legend on top."""
     columns = min(max_columns, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(max(3.4 * columns, 6.5), 2.6 * rows + 0.6), sharex=True, sharey=sharey,
-                             squeeze=False, layout="constrained")
+    size = (max(3.4 * columns, 6.5), 2.6 * rows + 0.6)
+    fig, axes = plt.subplots(rows, columns, figsize=size, sharex=True, sharey=sharey, squeeze=False,
+                             layout="constrained")
     for ax, (title, lines) in zip(axes.flat, panels.items()):
         for series in lines:
             draw_series(ax, series)
@@ -131,7 +132,7 @@ def alignment_tax_figure(experiment: Experiment):
         for index, objective in enumerate(experiment.objectives):
             value = experiment.stats[objective][key]
             if value["mean"] is None:
-                ax.text(index, 0, "n/a", ha="center", va="bottom")
+                ax.text(index, 0, "n/a (no `mean` run with this seed)", ha="center", va="bottom", fontsize=8)
                 continue
             bars = ax.bar(index, value["mean"], yerr=value["std"] if value["n"] > 1 else None, capsize=4,
                           color=color_of(experiment, objective))
@@ -139,6 +140,7 @@ def alignment_tax_figure(experiment: Experiment):
         ax.axhline(0, color="black", linewidth=0.8)
         ax.margins(y=0.15)
         ax.set_xticks(range(len(experiment.objectives)), experiment.objectives)
+        ax.set_xlim(-0.6, len(experiment.objectives) - 0.4)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     return fig

@@ -2,7 +2,6 @@
 from capshape.train.checkpoint import load_model, read_tensors, save_model
 from capshape.train.evaluate import evaluate
 from capshape.train.loop import check_config, learning_rate, prepare_data, resolve_tasks, train_run
-from capshape.train.rundir import RunDir, read_json, write_json
 
 __all__ = ["train_run", "check_config", "prepare_data", "resolve_tasks", "learning_rate", "evaluate",
-           "RunDir", "read_json", "write_json", "load_model", "save_model", "read_tensors"]
+           "load_model", "save_model", "read_tensors"]

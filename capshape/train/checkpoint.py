@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from capshape.errors import CapshapeError
-from capshape.train.rundir import write_atomic
+from capshape.runstore import write_atomic
 
 
 def save_checkpoint(path: Path, step: int, model, optimizer, objective, sampler) -> None:

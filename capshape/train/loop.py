@@ -23,7 +23,7 @@ from capshape.objectives import Objective, build_objective
 from capshape.tasks import TASKS, TOKENIZER, MixtureSampler, Task, TaskData, build_task_data, load_jsonl_tasks, mixture_weights
 from capshape.train.checkpoint import load_checkpoint, save_checkpoint, save_model
 from capshape.train.evaluate import evaluate
-from capshape.train.rundir import RunDir, read_json, write_json
+from capshape.runstore import RunDir, read_json, write_json
 from capshape.train.summary import summarize_run
 
 ProgressFn = Callable[[int, float], None]

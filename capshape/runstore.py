@@ -1,4 +1,4 @@
-"""The run store: one directory per run.
+"""The run store: one directory per run, written by `train`, read by `report` and `experiments`.
 
     config.json        resolved config of this run
     status.json        {"status": running|finished|failed, "error": ...}
@@ -28,6 +28,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,9 +13,8 @@ import torch
 
 from capshape.config import load_config
 from capshape.cli import DEMO_CONFIG
-from capshape.models import Transformer, per_example_losses
+from capshape.models import build_model, per_example_losses
 from capshape.objectives import build_objective
-from capshape.tasks import TOKENIZER, MixtureSampler, mixture_weights
 from capshape.train.loop import make_optimizer, prepare_data
 
 
@@ -28,11 +27,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = load_config(DEMO_CONFIG, ["data.train_examples=500", "data.eval_examples=16"])
     prepared = prepare_data(config, seed=0)
-    names = [d.task.name for d in prepared.data]
-    sampler = MixtureSampler(prepared.data, mixture_weights(names, "uniform"), prepared.group_of_task,
-                             config.train.batch_size, True, seed=0)
-    batch = sampler.sample().to(args.device)
-    model = Transformer(config.model, TOKENIZER.vocab_size).to(args.device)
+    batch = prepared.sampler(config, seed=0).sample().to(args.device)
+    model = build_model(config.model, prepared.suite.input_spec).to(args.device)
     optimizer = make_optimizer(model, config)
     objectives = {name: build_objective(name, config.objective.get(name, {}), len(prepared.group_names))
                   for name in ("mean", "grouped", "group_dro")}

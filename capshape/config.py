@@ -22,6 +22,8 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
+    suite: str = Field("text", description="Data suite: 'text' (the character tasks in `tasks`) or another registered suite.")
+    suite_params: dict[str, Any] = Field({}, description="Parameters of a non-text suite, validated by that suite.")
     tasks: list[str] = Field(["add", "sub", "reverse", "copy"], min_length=1, description="Built-in task names (see `capshape tasks`).")
     jsonl: list[Path] = Field([], description="JSONL files of user tasks; each group becomes a task.")
     mixture: Literal["uniform", "zipf", "explicit"] = Field("uniform", description="How tasks are weighted when sampling.")
@@ -29,7 +31,8 @@ class DataConfig(Section):
     weights: dict[str, float] = Field({}, description="Per-task weights for mixture='explicit'.")
     train_examples: int = Field(20000, gt=0, description="Size of each task's training pool.")
     eval_examples: int = Field(256, gt=0, description="Size of each task's held-out set (disjoint from training).")
-    stratify: bool = Field(True, description="Every task appears in every batch.")
+    eval_only: list[str] = Field([], description="Text tasks evaluated on held-out data but never trained on.")
+    stratify: bool = Field(True, description="Every trained task appears in every batch.")
     group_by: Literal["task", "group"] = Field("task", description="Capability groups for grouped objectives: one per task, or the tasks' group labels.")
 
     @model_validator(mode="after")
@@ -41,11 +44,14 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
+    kind: Literal["transformer", "mlp"] = Field("transformer", description="Model family; the suite says which fits its data.")
     n_layer: int = Field(2, gt=0, description="Transformer blocks.")
     n_head: int = Field(4, gt=0, description="Attention heads per block.")
     d_model: int = Field(128, gt=0, description="Residual stream width (divisible by n_head).")
     d_mlp: int = Field(512, gt=0, description="MLP hidden width.")
     max_len: int = Field(24, gt=1, description="Longest token sequence (prompt + target + specials).")
+    width: int = Field(256, gt=0, description="MLP hidden width (kind='mlp').")
+    depth: int = Field(1, gt=0, description="MLP hidden layers (kind='mlp').")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -66,6 +72,8 @@ class TrainConfig(Section):
     eval_every: int = Field(50, gt=0, description="Evaluate every task's held-out set every N steps.")
     checkpoint_every: int = Field(500, gt=0, description="Write checkpoints/last.safetensors every N steps.")
     threads: int = Field(0, ge=0, description="torch threads per run (0: cores / workers).")
+    init_from: Optional[Path] = Field(None, description="A model.safetensors to start from instead of a fresh init.")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="On a NaN/inf loss or gradient: stop the run, or skip the step and count it.")
 
 
 class RunConfig(Section):

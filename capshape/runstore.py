@@ -62,8 +62,12 @@ class RunDir:
         write_json(self.path / "status.json", {"status": status, **extra})
 
     def append_metrics(self, row: dict) -> None:
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(row, allow_nan=False) + "\n")
+        self.append_record(self.metrics_path.name, row)
+
+    def append_record(self, name: str, record: dict) -> None:
+        """One JSON line appended (and fsynced) to `name`, e.g. every regrouping of an objective."""
+        with open(self.path / name, "a") as handle:
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 

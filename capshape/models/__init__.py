@@ -1,7 +1,21 @@
 """Small models with named activation sites: a decoder-only transformer and an MLP."""
+from capshape.config import ModelConfig
+from capshape.errors import CapshapeError
 from capshape.models.hooks import Site, SiteModel
 from capshape.models.losses import per_example_losses
 from capshape.models.mlp import MLPClassifier
 from capshape.models.transformer import Transformer
+from capshape.tasks.suites import InputSpec
 
-__all__ = ["Site", "SiteModel", "per_example_losses", "Transformer", "MLPClassifier"]
+
+def build_model(config: ModelConfig, spec: InputSpec) -> SiteModel:
+    """The model named by `model.kind`, sized for the suite's inputs."""
+    if config.kind == "transformer" and spec.kind == "tokens":
+        return Transformer(config, spec.vocab_size)
+    if config.kind == "mlp" and spec.kind == "vectors":
+        return MLPClassifier(spec.d_in, config.width, config.depth, spec.n_classes)
+    fits = "transformer" if spec.kind == "tokens" else "mlp"
+    raise CapshapeError(f"model.kind='{config.kind}' does not fit this suite's {spec.kind} inputs: use model.kind='{fits}'.")
+
+
+__all__ = ["Site", "SiteModel", "per_example_losses", "Transformer", "MLPClassifier", "build_model"]

@@ -47,6 +47,15 @@ class Objective:
     def weigh(self, per_example_losses: torch.Tensor, group_ids: torch.Tensor) -> Weighting:
         raise NotImplementedError
 
+    def group_ids(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        """The groups the objective uses; by default the data's labels (`batch.group_ids`)."""
+        return batch.group_ids
+
+    def observe(self, step: int, model: torch.nn.Module, sampler) -> dict | None:
+        """Called before every step; objectives that learn their groups from gradients regroup here
+        (drawing examples from `sampler`) and return a record for the run store, else None."""
+        return None
+
     def loss(self, per_example_losses: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, Weighting]:
         """The scalar to backprop, Σ_j w_j ℓ_j, and the weighting it came from."""
         weighting = self.weigh(per_example_losses.detach(), group_ids)

@@ -31,18 +31,18 @@ class Batch:
 
 
 @dataclass
-class TokenizedSplit:
+class Split:
     prompts: list[str]
     targets: list[str]
-    inputs: torch.Tensor  # [N, T]
-    labels: torch.Tensor  # [N, T]
+    inputs: torch.Tensor  # [N, T] token ids, or [N, D] vectors
+    labels: torch.Tensor  # [N, T] target ids (IGNORE where no loss), or [N] classes
 
 
 @dataclass
 class TaskData:
     task: Task
-    train: TokenizedSplit
-    held_out: TokenizedSplit
+    train: Split
+    held_out: Split
 
 
 def task_seed(seed: int, name: str) -> int:
@@ -50,7 +50,7 @@ def task_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
 
 
-def tokenize(pairs: list[tuple[str, str]], max_len: int, task_name: str) -> TokenizedSplit:
+def tokenize(pairs: list[tuple[str, str]], max_len: int, task_name: str) -> Split:
     inputs = torch.full((len(pairs), max_len), PAD, dtype=torch.long)
     labels = torch.full((len(pairs), max_len), IGNORE, dtype=torch.long)
     for row, (prompt, target) in enumerate(pairs):
@@ -62,7 +62,7 @@ def tokenize(pairs: list[tuple[str, str]], max_len: int, task_name: str) -> Toke
             )
         inputs[row, : len(x)] = torch.tensor(x)
         labels[row, : len(y)] = torch.tensor(y)
-    return TokenizedSplit([p for p, _ in pairs], [t for _, t in pairs], inputs, labels)
+    return Split([p for p, _ in pairs], [t for _, t in pairs], inputs, labels)
 
 
 def build_task_data(task: Task, n_train: int, n_eval: int, seed: int, max_len: int) -> TaskData:

@@ -6,6 +6,7 @@ Per task: `accuracy` (the task's scorer on the prediction, exact match by defaul
 `target_logprob` (mean over examples of log P(whole target)), and `loss` (mean per-example loss).
 The prediction is the argmax at each target position given the true prefix, cut at the first
 predicted <eos>; for exact match this equals greedy decoding, at the cost of one forward pass.
+Vector suites (labels [N]) are classification: the prediction is the argmax class.
 """
 from __future__ import annotations
 
@@ -27,11 +28,14 @@ def evaluate(model: torch.nn.Module, data: list[TaskData], device: torch.device,
     results = {}
     for task_data in data:
         split, scorer = task_data.held_out, task_data.task.scorer
+        classification = split.labels.dim() == 1
         losses, logprobs, correct_tokens, n_tokens, scores = [], [], 0, 0, []
         for start in range(0, len(split.inputs), chunk):
             inputs = split.inputs[start : start + chunk].to(device)
             labels = split.labels[start : start + chunk].to(device)
             logits = model(inputs).float()
+            if labels.dim() == 1:  # classification: one "token" per example
+                logits, labels = logits.unsqueeze(1), labels.unsqueeze(1)
             mask = labels != IGNORE
             token_logprob = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             losses.append(per_example_losses(logits, labels))
@@ -40,7 +44,8 @@ def evaluate(model: torch.nn.Module, data: list[TaskData], device: torch.device,
             correct_tokens += int(((predicted == labels) & mask).sum())
             n_tokens += int(mask.sum())
             for row, target in zip(range(len(inputs)), split.targets[start : start + chunk]):
-                scores.append(scorer(_prediction(predicted[row][mask[row]].tolist()), target))
+                tokens = predicted[row][mask[row]].tolist()
+                scores.append(scorer(str(tokens[0]) if classification else _prediction(tokens), target))
         results[task_data.task.name] = {
             "accuracy": sum(scores) / len(scores),
             "token_accuracy": correct_tokens / n_tokens,

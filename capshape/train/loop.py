@@ -4,67 +4,92 @@ AdamW with linear warmup and cosine decay to `min_lr_ratio·lr`, global-norm cli
 every task's held-out set every `eval_every` steps (and at steps 0 and `steps`), checkpoints every
 `checkpoint_every` steps. A run resumed from its checkpoint continues the same run: the model,
 optimizer, objective and RNG states are all restored.
+
+Protocols change the mechanics of a step through `StepHooks` (the per-example loss, a context
+around the forward pass for activation masks, a gradient edit after backward) rather than by
+writing another loop.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
-from capshape.models import Transformer, per_example_losses
+from capshape.models import build_model, per_example_losses
 from capshape.objectives import Objective, build_objective
-from capshape.tasks import TASKS, TOKENIZER, MixtureSampler, Task, TaskData, build_task_data, load_jsonl_tasks, mixture_weights
-from capshape.train.checkpoint import load_checkpoint, save_checkpoint, save_model
-from capshape.train.evaluate import evaluate
 from capshape.runstore import RunDir, read_json, write_json
+from capshape.tasks import Batch, MixtureSampler, SuiteData, build_suite, mixture_weights
+from capshape.tasks.suites import SUITES, parse_suite_params
+from capshape.train.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from capshape.train.evaluate import evaluate
 from capshape.train.summary import summarize_run
 
 ProgressFn = Callable[[int, float], None]
 
 
+def cross_entropy_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return per_example_losses(model(batch.inputs), batch.labels)
+
+
+@dataclass
+class StepHooks:
+    """Extension points of one training step, used by protocols (routing, distillation, unlearning)."""
+
+    losses: Callable[[torch.nn.Module, Batch], torch.Tensor] = cross_entropy_losses
+    around_forward: Callable[[torch.nn.Module, Batch], ContextManager] = lambda model, batch: nullcontext()
+    after_backward: Callable[[torch.nn.Module, Batch], None] = lambda model, batch: None
+
+
 @dataclass
 class Prepared:
-    data: list[TaskData]
+    suite: SuiteData
     group_names: list[str]
     group_of_task: list[int]  # task index -> group index
+    extra: dict = field(default_factory=dict)
 
+    @property
+    def data(self):
+        return self.suite.data
 
-def resolve_tasks(config: RunConfig) -> list[Task]:
-    tasks = [TASKS.get(name) for name in config.data.tasks]
-    for path in config.data.jsonl:
-        tasks.extend(load_jsonl_tasks(path))
-    names = [t.name for t in tasks]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise CapshapeError(f"data.tasks: task '{duplicate}' is listed twice: list each task once.")
-    return tasks
+    def sampler(self, config: RunConfig, seed: int) -> MixtureSampler:
+        """Batches over the trained tasks, with group ids from the full task list."""
+        trained = [i for i, t in enumerate(self.suite.trained) if t]
+        weights = mixture_weights([self.data[i].task.name for i in trained], config.data.mixture,
+                                  config.data.zipf_exponent, config.data.weights)
+        return MixtureSampler([self.data[i] for i in trained], weights, [self.group_of_task[i] for i in trained],
+                              config.train.batch_size, config.data.stratify, seed)
 
 
 def prepare_data(config: RunConfig, seed: int) -> Prepared:
-    tasks = resolve_tasks(config)
-    data = [build_task_data(t, config.data.train_examples, config.data.eval_examples, seed, config.model.max_len)
-            for t in tasks]
-    labels = [t.name if config.data.group_by == "task" else t.group for t in tasks]
+    suite = build_suite(config.data, seed, config.model.max_len)
+    labels = [d.task.name if config.data.group_by == "task" else d.task.group for d in suite.data]
     group_names = list(dict.fromkeys(labels))
-    return Prepared(data, group_names, [group_names.index(label) for label in labels])
+    return Prepared(suite, group_names, [group_names.index(label) for label in labels])
 
 
 def check_config(config: RunConfig) -> None:
-    """Everything that can be wrong with a config, checked before any run directory is written."""
-    tasks = resolve_tasks(config)
-    mixture_weights([t.name for t in tasks], config.data.mixture, config.data.zipf_exponent, config.data.weights)
+    """What can be checked cheaply before any run directory is written (names, parameters, weights)."""
+    suite = SUITES.get(config.data.suite)
+    parse_suite_params(suite, config.data.suite, config.data.suite_params)
+    if config.data.suite == "text":
+        tasks, trained = suite.resolve(config.data)
+        names = [t.name for t, is_trained in zip(tasks, trained) if is_trained]
+        mixture_weights(names, config.data.mixture, config.data.zipf_exponent, config.data.weights)
     unknown = sorted(set(config.objective) - set(config.objectives))
     if unknown:
         raise CapshapeError(f"config section 'objective.{unknown[0]}' configures an objective not in 'objectives'.")
     for name in config.objectives:
         build_objective(name, config.objective.get(name, {}), num_groups=1)
+    if config.train.init_from is not None and not Path(config.train.init_from).is_file():
+        raise CapshapeError(f"train.init_from: {str(config.train.init_from)!r} does not exist: point it at a model.safetensors.")
 
 
 def learning_rate(step: int, config: RunConfig) -> float:
@@ -90,8 +115,12 @@ def single_run_config(config: RunConfig, objective: str, seed: int) -> RunConfig
 
 
 def train_run(config: RunConfig, objective_name: str, seed: int, out: Path, resume: bool = False,
-              on_progress: Optional[ProgressFn] = None, device: str = "cpu") -> dict:
-    """Train one model under one objective and seed into run directory `out`; returns its summary."""
+              on_progress: Optional[ProgressFn] = None, device: str = "cpu", hooks: Optional[StepHooks] = None,
+              model: Optional[torch.nn.Module] = None) -> dict:
+    """Train one model under one objective and seed into run directory `out`; returns its summary.
+
+    `model` replaces the freshly built one (protocols that expand or edit a model pass it here).
+    """
     run = RunDir(out)
     previous = run.status()["status"]
     if previous != "missing" and not resume:
@@ -99,18 +128,18 @@ def train_run(config: RunConfig, objective_name: str, seed: int, out: Path, resu
     if previous == "finished":
         return read_json(run.path / "summary.json")
     config = single_run_config(config, objective_name, seed)
-    threads = config.train.threads or max(1, (os.cpu_count() or 1) // config.workers)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(config.train.threads or max(1, (os.cpu_count() or 1) // config.workers))
     torch.manual_seed(seed)
 
     prepared = prepare_data(config, seed)
-    model = Transformer(config.model, TOKENIZER.vocab_size).to(device)
+    if model is None:
+        model = build_model(config.model, prepared.suite.input_spec)
+        if config.train.init_from is not None:
+            load_model(config.train.init_from, model)
+    model = model.to(device)
     objective = build_objective(objective_name, config.objective.get(objective_name, {}), len(prepared.group_names))
     optimizer = make_optimizer(model, config)
-    weights = mixture_weights([d.task.name for d in prepared.data], config.data.mixture,
-                              config.data.zipf_exponent, config.data.weights)
-    sampler = MixtureSampler(prepared.data, weights, prepared.group_of_task, config.train.batch_size,
-                             config.data.stratify, seed)
+    sampler = prepared.sampler(config, seed)
 
     run.path.mkdir(parents=True, exist_ok=True)
     start = 0
@@ -122,12 +151,14 @@ def train_run(config: RunConfig, objective_name: str, seed: int, out: Path, resu
     write_json(run.path / "config.json", config.model_dump(mode="json"))
     run.set_status("running", objective=objective_name, seed=seed, step=start)
     try:
-        _loop(config, run, model, objective, optimizer, sampler, prepared, start, on_progress, device)
+        _loop(config, run, model, objective, optimizer, sampler, prepared, start, on_progress, device,
+              hooks or StepHooks())
+        data = prepared.data
         summary = summarize_run(
             run.read_metrics(),
-            {d.task.name: d.task.group for d in prepared.data},
-            {d.task.name: d.task.parts for d in prepared.data},
-            {d.task.name: prepared.group_names[g] for d, g in zip(prepared.data, prepared.group_of_task)},
+            {d.task.name: d.task.group for d in data},
+            {d.task.name: d.task.parts for d in data},
+            {d.task.name: prepared.group_names[g] for d, g in zip(data, prepared.group_of_task)},
             config.train.steps,
         )
         summary = {"objective": objective_name, "seed": seed, **summary}
@@ -135,15 +166,14 @@ def train_run(config: RunConfig, objective_name: str, seed: int, out: Path, resu
         run.set_status("finished", objective=objective_name, seed=seed, step=config.train.steps)
         return summary
     except BaseException as error:
-        message = str(error) or type(error).__name__
-        run.set_status("failed", objective=objective_name, seed=seed, error=message)
+        run.set_status("failed", objective=objective_name, seed=seed, error=str(error) or type(error).__name__)
         raise
 
 
 def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer, sampler: MixtureSampler,
-          prepared: Prepared, start: int, on_progress: Optional[ProgressFn], device: str) -> None:
+          prepared: Prepared, start: int, on_progress: Optional[ProgressFn], device: str, hooks: StepHooks) -> None:
     steps, train = config.train.steps, config.train
-    totals = {"loss": 0.0, "objective": 0.0, "grad_norm": 0.0, "count": 0}
+    totals = dict.fromkeys(("loss", "objective", "grad_norm", "count", "skipped"), 0.0)
     started = time.perf_counter()
     model.train()
     for step in range(start, steps + 1):
@@ -152,26 +182,33 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
                 row = {"step": step, "eval": evaluate(model, prepared.data, device), "seconds": time.perf_counter() - started}
                 if totals["count"]:
                     row["train"] = {k: totals[k] / totals["count"] for k in ("loss", "objective", "grad_norm")}
-                    row["train"]["lr"] = learning_rate(step - 1, config)
+                    row["train"].update(lr=learning_rate(step - 1, config), skipped_steps=totals["skipped"])
                 run.append_metrics(row)
                 totals = dict.fromkeys(totals, 0.0)
             if step > start and (step % train.checkpoint_every == 0 or step == steps):
                 save_checkpoint(run.checkpoint_path, step, model, optimizer, objective, sampler)
         if step == steps:
             break
+        record = objective.observe(step, model, sampler)
+        if record is not None:
+            run.append_record("objective_records.jsonl", {"step": step, **record})
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         batch = sampler.sample().to(device)
-        losses = per_example_losses(model(batch.inputs), batch.labels)
-        loss, weighting = objective.loss(losses, batch.group_ids)
+        with hooks.around_forward(model, batch):
+            losses = hooks.losses(model, batch)
+        loss, weighting = objective.loss(losses, objective.group_ids(model, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        hooks.after_backward(model, batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
-        if not torch.isfinite(grad_norm) or not torch.isfinite(loss):
-            raise CapshapeError(
-                f"Non-finite loss or gradient at step {step}: lower train.lr (now {train.lr}) or enable train.grad_clip; "
-                f"the last good checkpoint is kept."
-            )
+        if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
+            if train.on_nonfinite == "stop":
+                raise CapshapeError(
+                    f"Non-finite loss or gradient at step {step}: lower train.lr (now {train.lr}), enable "
+                    f"train.grad_clip, or set train.on_nonfinite='skip'; the last good checkpoint is kept.")
+            totals["skipped"] += 1
+            continue
         optimizer.step()
         mean_loss = float(losses.detach().mean())
         totals["loss"] += mean_loss

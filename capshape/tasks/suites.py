@@ -1,0 +1,86 @@
+"""Data suites: what a run trains and evaluates on. The `text` suite turns the character tasks
+named in the config into tokenized pools; other suites (vector data, other formats) register
+themselves here with their own parameters, so every objective and protocol can use them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from capshape.errors import CapshapeError
+from capshape.registry import Registry
+from capshape.tasks.base import TASKS, Task
+from capshape.tasks.data import TaskData, build_task_data
+from capshape.tasks.jsonl import load_jsonl_tasks
+from capshape.tasks.tokenizer import TOKENIZER
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model must accept: token sequences (vocab_size) or vectors (d_in) with n_classes outputs."""
+
+    kind: str  # "tokens" | "vectors"
+    vocab_size: int = 0
+    d_in: int = 0
+    n_classes: int = 0
+
+
+@dataclass
+class SuiteData:
+    data: list[TaskData]  # every task, each with its held-out set
+    trained: list[bool]  # whether the task is trained on (False: evaluated only)
+    input_spec: InputSpec
+
+
+class SuiteParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Suite:
+    Params = SuiteParams
+
+    def build(self, data_config, params: SuiteParams, seed: int, max_len: int) -> SuiteData:
+        raise NotImplementedError
+
+
+SUITES: Registry[Suite] = Registry("suite")
+
+
+def parse_suite_params(suite: Suite, name: str, raw: dict) -> SuiteParams:
+    try:
+        return suite.Params.model_validate(raw or {})
+    except ValidationError as error:
+        item = error.errors()[0]
+        where = ".".join(str(p) for p in item["loc"])
+        raise CapshapeError(f"config field 'data.suite_params.{where}': {item['msg']} (suite '{name}').") from None
+
+
+def build_suite(data_config, seed: int, max_len: int) -> SuiteData:
+    suite = SUITES.get(data_config.suite)
+    return suite.build(data_config, parse_suite_params(suite, data_config.suite, data_config.suite_params), seed, max_len)
+
+
+class TextSuite(Suite):
+    """The character tasks of `data.tasks` and `data.jsonl` (trained) and `data.eval_only` (held-out only)."""
+
+    @staticmethod
+    def resolve(data_config) -> tuple[list[Task], list[bool]]:
+        tasks = [TASKS.get(name) for name in data_config.tasks]
+        for path in data_config.jsonl:
+            tasks.extend(load_jsonl_tasks(path))
+        trained = [True] * len(tasks)
+        tasks += [TASKS.get(name) for name in data_config.eval_only]
+        trained += [False] * len(data_config.eval_only)
+        names = [t.name for t in tasks]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise CapshapeError(f"data.tasks: task '{duplicate}' is listed twice (tasks, eval_only): list each task once.")
+        return tasks, trained
+
+    def build(self, data_config, params: SuiteParams, seed: int, max_len: int) -> SuiteData:
+        tasks, trained = self.resolve(data_config)
+        data = [build_task_data(t, data_config.train_examples, data_config.eval_examples, seed, max_len) for t in tasks]
+        return SuiteData(data, trained, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size))
+
+
+SUITES.add("text", TextSuite())

@@ -2,21 +2,17 @@
 aggregate their summaries (mean and spread over seeds, alignment tax against `mean`).
 
 Layout: `OUT/config.json`, `OUT/<objective>-seed<k>/` (one run directory each), `OUT/summary.json`.
-Runs train in `workers` parallel processes; each reports progress to one live bar.
+Runs train in `workers` parallel processes (see executor.py), each with a live progress bar.
 """
 from __future__ import annotations
 
-import multiprocessing
-import queue as queue_module
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
+from capshape.experiments.executor import Cell, run_cells
 from capshape.runstore import RunDir, read_json, write_json
 from capshape.train import check_config, train_run
 
@@ -28,27 +24,6 @@ def run_name(objective: str, seed: int) -> str:
     return f"{objective}-seed{seed}"
 
 
-def _train_in_worker(config_json: dict, objective: str, seed: int, path: str, resume: bool, progress_queue) -> str:
-    config = RunConfig.model_validate(config_json)
-    name = run_name(objective, seed)
-    last = [0.0]
-
-    def report(step: int, loss: float) -> None:
-        now = time.monotonic()
-        if now - last[0] > 0.2 or step == config.train.steps:
-            last[0] = now
-            progress_queue.put((name, step, loss))
-
-    train_run(config, objective, seed, Path(path), resume=resume, on_progress=report)
-    return name
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn())
-
-
 def run_comparison(config: RunConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     check_config(config)
     out = Path(out)
@@ -57,31 +32,10 @@ def run_comparison(config: RunConfig, out: Path, resume: bool = False, show_prog
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config.model_dump(mode="json"))
     specs = [(objective, seed) for objective in config.objectives for seed in config.seeds]
-    context = multiprocessing.get_context("spawn")
-    failures: dict[str, str] = {}
-    with context.Manager() as manager, _progress() as progress:
-        if not show_progress:
-            progress.stop()
-        progress_queue = manager.Queue()
-        bars = {run_name(o, s): progress.add_task(run_name(o, s), total=config.train.steps, loss=float("nan"))
-                for o, s in specs}
-        with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
-            futures = {
-                pool.submit(_train_in_worker, config.model_dump(mode="json"), o, s, str(out / run_name(o, s)),
-                            resume, progress_queue): run_name(o, s)
-                for o, s in specs
-            }
-            while not all(f.done() for f in futures):
-                try:
-                    name, step, loss = progress_queue.get(timeout=0.2)
-                    progress.update(bars[name], completed=step, loss=loss)
-                except queue_module.Empty:
-                    pass
-            for future, name in futures.items():
-                if future.exception() is not None:
-                    failures[name] = str(future.exception()) or type(future.exception()).__name__
-                else:
-                    progress.update(bars[name], completed=config.train.steps)
+    cells = [Cell(run_name(o, s), train_run, config.train.steps,
+                  dict(config=config, objective_name=o, seed=s, out=out / run_name(o, s), resume=resume))
+             for o, s in specs]
+    failures = run_cells(cells, config.workers, show_progress)
     summary = aggregate(out, specs)
     summary["failed"] = failures
     write_json(out / "summary.json", summary)

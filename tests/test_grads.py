@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from capshape.config import ModelConfig
+from capshape.errors import CapshapeError
+from capshape.grads import (GradientSketcher, capture_linear_io, gradient_gram, linear_layer_names,
+                            per_example_gradients, sketch_gram)
+from capshape.models import MLPClassifier, Transformer, per_example_losses
+
+
+def tiny_transformer() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(n_layer=1, n_head=2, d_model=16, d_mlp=32, max_len=10), vocab_size=30)
+
+
+def token_batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randint(0, 30, (n, 10), generator=generator)
+    labels = torch.randint(0, 30, (n, 10), generator=generator)
+    labels[:, :4] = -100  # prompt positions carry no loss
+    labels[0, 4:8] = -100  # examples with different numbers of targets
+    return inputs, labels
+
+
+def linear_params(model: torch.nn.Module) -> list[str]:
+    layers = set(linear_layer_names(model))
+    return [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[0] in layers]
+
+
+def loop_gradients(model, inputs, labels, params):
+    named = dict(model.named_parameters())
+    rows = []
+    for n in range(len(inputs)):
+        loss = per_example_losses(model(inputs[n:n + 1]), labels[n:n + 1])[0]
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, [named[p] for p in params])]))
+    return torch.stack(rows)
+
+
+def test_exact_matches_per_example_loop_and_restricts_to_params():
+    model = tiny_transformer()
+    inputs, labels = token_batch()
+    all_params = [name for name, _ in model.named_parameters()]
+    exact = per_example_gradients(model, inputs, labels, chunk_size=4)
+    torch.testing.assert_close(exact, loop_gradients(model, inputs, labels, all_params), rtol=0, atol=1e-5)
+    some = ["blocks.0.ln_attn.weight", "unembed.weight"]
+    torch.testing.assert_close(per_example_gradients(model, inputs, labels, params=some),
+                               loop_gradients(model, inputs, labels, some), rtol=0, atol=1e-5)
+    with pytest.raises(CapshapeError, match="Unknown parameter 'nope'"):
+        per_example_gradients(model, inputs, labels, params=["nope"])
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mlp"])
+def test_gram_equals_gram_of_exact_linear_layer_gradients(kind):
+    if kind == "transformer":
+        model, (inputs, labels) = tiny_transformer().double(), token_batch()
+    else:
+        model = MLPClassifier(d_in=5, width=8, depth=2, n_classes=3).double()
+        inputs, labels = torch.randn(7, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    grads = per_example_gradients(model, inputs, labels, params=linear_params(model))
+    expected = grads @ grads.T
+    gram = gradient_gram(model, inputs, labels, chunk_size=4)
+    assert (gram - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_sketch_inner_products_are_unbiased():
+    model, (inputs, labels) = tiny_transformer().double(), token_batch(n=4)
+    exact = gradient_gram(model, inputs, labels)
+    estimates = torch.stack([sketch_gram(GradientSketcher(model, k=20, seed=seed)(inputs, labels))
+                             for seed in range(200)])
+    standard_error = estimates.std(0) / 200 ** 0.5
+    assert ((estimates.mean(0) - exact).abs() <= 4 * standard_error).all()
+
+
+def test_sketch_error_shrinks_between_k_to_the_minus_quarter_and_half():
+    """The Kronecker projection's variance is O(1/k_out + 1/k_in) for low-rank per-example gradients
+    and O(1/k) for spread-out ones: 16x more k cuts the RMS error by a factor between 16^(1/4) and 16^(1/2)."""
+    model, (inputs, labels) = tiny_transformer().double(), token_batch()
+    exact = gradient_gram(model, inputs, labels)
+
+    def rms_relative_error(k: int) -> float:
+        errors = [(sketch_gram(GradientSketcher(model, k, seed)(inputs, labels)) - exact).norm() / exact.norm()
+                  for seed in range(20)]
+        return float(torch.stack(errors).square().mean().sqrt())
+
+    assert 1.7 < rms_relative_error(64) / rms_relative_error(1024) < 4.5
+
+
+def test_sketch_and_gram_leave_grads_and_hooks_untouched():
+    model, (inputs, labels) = tiny_transformer(), token_batch()
+    sketches = GradientSketcher(model, k=64, seed=0)(inputs, labels)
+    gradient_gram(model, inputs, labels)
+    assert sketches.shape == (6, 64)
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_mlp_inputs_without_token_axis_and_layer_selection():
+    model = MLPClassifier(d_in=5, width=8, depth=2, n_classes=3)
+    inputs, labels = torch.randn(7, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    (a, g), = capture_linear_io(model, inputs, labels, layers=["readout"])
+    assert a.shape == (7, 1, 9) and g.shape == (7, 1, 3)  # bias folded in as a trailing 1
+    torch.testing.assert_close(a[:, 0, -1], torch.ones(7))
+    sketches = GradientSketcher(model, k=10, seed=0, layers=["layers.1.linear", "readout"])(inputs, labels)
+    assert sketches.shape == (7, 10) and sketches.isfinite().all()
+    with pytest.raises(CapshapeError, match="Unknown linear layer 'layers.1'"):
+        GradientSketcher(model, k=10, seed=0, layers=["layers.1"])

@@ -1,7 +1,7 @@
 # Quickstart: `make demo` (set up, run the demo) and `make test` (set up, run the tests).
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch for this machine; on a GPU machine use e.g. TORCH_SPEC="torch>=2.2".
+# The CPU build of torch for this machine; on a GPU machine use e.g. TORCH_SPEC="torch>=2.3".
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 

@@ -44,7 +44,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    kind: Literal["transformer", "mlp"] = Field("transformer", description="Model family; the suite says which fits its data.")
+    kind: Literal["transformer", "mlp", "attention_only"] = Field("transformer", description="Model family; the suite says which fits its data.")
     n_layer: int = Field(2, gt=0, description="Transformer blocks.")
     n_head: int = Field(4, gt=0, description="Attention heads per block.")
     d_model: int = Field(128, gt=0, description="Residual stream width (divisible by n_head).")
@@ -108,7 +108,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+def build_config(raw: dict[str, Any], overrides: list[str] = (), schema: type[RunConfig] = RunConfig) -> RunConfig:
+    """Validate `raw` (with `overrides` applied) against `schema`: RunConfig, or a protocol's extension of it."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for text in overrides:
         path, value = parse_override(text)
@@ -119,12 +120,12 @@ def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
                 raise CapshapeError(f"--set {text!r}: '{part}' is not a section.")
         node[path[-1]] = value
     try:
-        return RunConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as error:
         raise CapshapeError(_first_error(error)) from None
 
 
-def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: Path, overrides: list[str] = (), schema: type[RunConfig] = RunConfig) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise CapshapeError(f"Config file {str(path)!r} does not exist: check the path.")
@@ -132,4 +133,4 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise CapshapeError(f"Config file {path.name} is not valid TOML: {error}.") from None
-    return build_config(raw, overrides)
+    return build_config(raw, overrides, schema)

@@ -11,9 +11,11 @@ crash never leaves a half-written file; a run is finished only once status.json 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,22 @@ def read_json(path: Path) -> Any:
         raise CapshapeError(f"{path} does not exist: is this a capshape run directory?") from None
     except json.JSONDecodeError as error:
         raise CapshapeError(f"{path} is not valid JSON ({error.msg}): the file is damaged.") from None
+
+
+@contextmanager
+def exclusive(path: Path):
+    """Hold `path/.lock` so that two capshape processes never write into the same directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CapshapeError(f"{path} is in use by another capshape process: wait for it or choose another --out.") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class RunDir:

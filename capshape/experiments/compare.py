@@ -13,7 +13,7 @@ import numpy as np
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import Cell, run_cells
-from capshape.runstore import RunDir, read_json, write_json
+from capshape.runstore import RunDir, exclusive, read_json, write_json
 from capshape.train import check_config, train_run
 
 EMERGENCE_KEYS = ("step_10", "step_50", "step_90", "transition_width", "max_slope_per_pct", "jump",
@@ -26,10 +26,13 @@ def run_name(objective: str, seed: int) -> str:
 
 def run_comparison(config: RunConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     check_config(config)
-    out = Path(out)
+    with exclusive(out):
+        return _compare_locked(config, Path(out), resume, show_progress)
+
+
+def _compare_locked(config: RunConfig, out: Path, resume: bool, show_progress: bool) -> dict:
     if (out / "summary.json").exists() and not resume:
         raise CapshapeError(f"{out} already holds a finished comparison: pass --resume or choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config.model_dump(mode="json"))
     specs = [(objective, seed) for objective in config.objectives for seed in config.seeds]
     cells = [Cell(run_name(o, s), train_run, config.train.steps,

@@ -7,7 +7,9 @@ A failed cell is reported with its error, never silently dropped; the other cell
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue as queue_module
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +39,16 @@ class _Reporter:
             self.queue.put((self.name, step, loss))
 
 
-def _run_cell(cell: Cell, progress_queue) -> object:
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (SIGKILL, pre-emption) stops too, instead of training on
+    as an orphan into a directory that a resumed run will want."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _run_cell(cell: Cell, progress_queue, parent: int) -> object:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     return cell.fn(**cell.kwargs, on_progress=_Reporter(cell.name, cell.total_steps, progress_queue))
 
 
@@ -58,7 +69,7 @@ def run_cells(cells: list[Cell], workers: int, show_progress: bool = True) -> di
         bars: dict[str, int] = {}
         totals = {cell.name: cell.total_steps for cell in cells}
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = {pool.submit(_run_cell, cell, progress_queue): cell.name for cell in cells}
+            futures = {pool.submit(_run_cell, cell, progress_queue, os.getpid()): cell.name for cell in cells}
             pending = set(futures)
             while pending:
                 try:

@@ -5,8 +5,10 @@ from capshape.metrics.emergence import (
     breakthroughness,
     composition_check,
     emergence_metrics,
+    grokking_delay,
     group_loss_spread,
     logistic_fit,
+    step_reaching,
     steps_to_fraction,
     token_edit_distance,
 )
@@ -16,8 +18,10 @@ __all__ = [
     "breakthroughness",
     "composition_check",
     "emergence_metrics",
+    "grokking_delay",
     "group_loss_spread",
     "logistic_fit",
+    "step_reaching",
     "steps_to_fraction",
     "token_edit_distance",
 ]

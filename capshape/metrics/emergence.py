@@ -44,6 +44,20 @@ def steps_to_fraction(steps, values, fraction):
     return int(steps[reached[0]]) if reached.size else None
 
 
+def step_reaching(steps, values, level):
+    """First eval step with value >= `level` (an absolute level, unlike steps_to_fraction); None if never."""
+    steps, values = _curve(steps, values)
+    reached = np.flatnonzero(values >= level)
+    return int(steps[reached[0]]) if reached.size else None
+
+
+def grokking_delay(steps, train_acc, val_acc, level=0.99):
+    """Grokking delay (Power et al. 2022): first step with validation accuracy >= `level` minus first
+    step with training accuracy >= `level`. None if either curve never reaches the level."""
+    train_step, val_step = step_reaching(steps, train_acc, level), step_reaching(steps, val_acc, level)
+    return None if train_step is None or val_step is None else val_step - train_step
+
+
 def breakthroughness(values, resolution=1e-3):
     """BIG-bench breakthroughness (Srivastava et al. 2022, "Beyond the Imitation Game").
 

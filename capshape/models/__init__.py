@@ -1,6 +1,8 @@
-"""Small models with named activation sites: a decoder-only transformer and an MLP."""
+"""Small models with named activation sites: a decoder-only transformer, an MLP and an attention-only
+transformer over vector sequences."""
 from capshape.config import ModelConfig
 from capshape.errors import CapshapeError
+from capshape.models.attention_only import AttentionOnly
 from capshape.models.hooks import Site, SiteModel
 from capshape.models.losses import per_example_losses
 from capshape.models.mlp import MLPClassifier
@@ -14,8 +16,10 @@ def build_model(config: ModelConfig, spec: InputSpec) -> SiteModel:
         return Transformer(config, spec.vocab_size)
     if config.kind == "mlp" and spec.kind == "vectors":
         return MLPClassifier(spec.d_in, config.width, config.depth, spec.n_classes)
-    fits = "transformer" if spec.kind == "tokens" else "mlp"
+    if config.kind == "attention_only" and spec.kind == "vector_sequences":
+        return AttentionOnly(config, spec.d_in, spec.n_classes)
+    fits = {"tokens": "transformer", "vectors": "mlp", "vector_sequences": "attention_only"}[spec.kind]
     raise CapshapeError(f"model.kind='{config.kind}' does not fit this suite's {spec.kind} inputs: use model.kind='{fits}'.")
 
 
-__all__ = ["Site", "SiteModel", "per_example_losses", "Transformer", "MLPClassifier", "build_model"]
+__all__ = ["Site", "SiteModel", "per_example_losses", "Transformer", "MLPClassifier", "AttentionOnly", "build_model"]

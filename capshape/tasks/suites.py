@@ -17,9 +17,10 @@ from capshape.tasks.tokenizer import TOKENIZER
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a model must accept: token sequences (vocab_size) or vectors (d_in) with n_classes outputs."""
+    """What a model must accept: token sequences (vocab_size), or vectors [d_in] or sequences of vectors
+    [T, d_in] ("vector_sequences") with n_classes outputs."""
 
-    kind: str  # "tokens" | "vectors"
+    kind: str  # "tokens" | "vectors" | "vector_sequences"
     vocab_size: int = 0
     d_in: int = 0
     n_classes: int = 0
@@ -41,6 +42,10 @@ class Suite:
 
     def build(self, data_config, params: SuiteParams, seed: int, max_len: int) -> SuiteData:
         raise NotImplementedError
+
+    def summary_extras(self, rows: list[dict]) -> dict:
+        """Suite-specific figures for a finished run's summary (`suite_metrics`), from its metrics rows."""
+        return {}
 
 
 SUITES: Registry[Suite] = Registry("suite")

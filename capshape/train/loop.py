@@ -25,7 +25,7 @@ from capshape.config import RunConfig
 from capshape.errors import CapshapeError
 from capshape.models import build_model, per_example_losses
 from capshape.objectives import Objective, build_objective
-from capshape.runstore import RunDir, read_json, write_json
+from capshape.runstore import RunDir, exclusive, read_json, write_json
 from capshape.tasks import Batch, MixtureSampler, SuiteData, build_suite, mixture_weights
 from capshape.tasks.suites import SUITES, parse_suite_params
 from capshape.train.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
@@ -121,16 +121,35 @@ def train_run(config: RunConfig, objective_name: str, seed: int, out: Path, resu
 
     `model` replaces the freshly built one (protocols that expand or edit a model pass it here).
     """
-    run = RunDir(out)
+    with exclusive(out):
+        return _train_locked(config, objective_name, seed, RunDir(out), resume, on_progress, device, hooks, model)
+
+
+def _train_locked(config: RunConfig, objective_name: str, seed: int, run: RunDir, resume: bool,
+                  on_progress: Optional[ProgressFn], device: str, hooks: Optional[StepHooks],
+                  model: Optional[torch.nn.Module]) -> dict:
     previous = run.status()["status"]
     if previous != "missing" and not resume:
-        raise CapshapeError(f"{out} already holds a run ({previous}): pass --resume or choose another --out.")
+        raise CapshapeError(f"{run.path} already holds a run ({previous}): pass --resume or choose another --out.")
     if previous == "finished":
         return read_json(run.path / "summary.json")
     config = single_run_config(config, objective_name, seed)
+    write_json(run.path / "config.json", config.model_dump(mode="json"))
+    run.set_status("running", objective=objective_name, seed=seed)
+    try:
+        summary = _setup_and_train(config, objective_name, seed, run, resume, on_progress, device, hooks, model)
+    except BaseException as error:
+        run.set_status("failed", objective=objective_name, seed=seed, error=str(error) or type(error).__name__)
+        raise
+    run.set_status("finished", objective=objective_name, seed=seed, step=config.train.steps)
+    return summary
+
+
+def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: RunDir, resume: bool,
+                     on_progress: Optional[ProgressFn], device: str, hooks: Optional[StepHooks],
+                     model: Optional[torch.nn.Module]) -> dict:
     torch.set_num_threads(config.train.threads or max(1, (os.cpu_count() or 1) // config.workers))
     torch.manual_seed(seed)
-
     prepared = prepare_data(config, seed)
     if model is None:
         model = build_model(config.model, prepared.suite.input_spec)
@@ -140,34 +159,25 @@ def train_run(config: RunConfig, objective_name: str, seed: int, out: Path, resu
     objective = build_objective(objective_name, config.objective.get(objective_name, {}), len(prepared.group_names))
     optimizer = make_optimizer(model, config)
     sampler = prepared.sampler(config, seed)
-
-    run.path.mkdir(parents=True, exist_ok=True)
     start = 0
     if resume and run.checkpoint_path.exists():
         start = load_checkpoint(run.checkpoint_path, model, optimizer, objective, sampler)
         run.keep_metrics_until(start)
     else:
         run.metrics_path.unlink(missing_ok=True)
-    write_json(run.path / "config.json", config.model_dump(mode="json"))
-    run.set_status("running", objective=objective_name, seed=seed, step=start)
-    try:
-        _loop(config, run, model, objective, optimizer, sampler, prepared, start, on_progress, device,
-              hooks or StepHooks())
-        data = prepared.data
-        summary = summarize_run(
-            run.read_metrics(),
-            {d.task.name: d.task.group for d in data},
-            {d.task.name: d.task.parts for d in data},
-            {d.task.name: prepared.group_names[g] for d, g in zip(data, prepared.group_of_task)},
-            config.train.steps,
-        )
-        summary = {"objective": objective_name, "seed": seed, **summary}
-        write_json(run.path / "summary.json", summary)
-        run.set_status("finished", objective=objective_name, seed=seed, step=config.train.steps)
-        return summary
-    except BaseException as error:
-        run.set_status("failed", objective=objective_name, seed=seed, error=str(error) or type(error).__name__)
-        raise
+    _loop(config, run, model, objective, optimizer, sampler, prepared, start, on_progress, device, hooks or StepHooks())
+    data, rows = prepared.data, run.read_metrics()
+    summary = summarize_run(
+        rows,
+        {d.task.name: d.task.group for d in data},
+        {d.task.name: d.task.parts for d in data},
+        {d.task.name: prepared.group_names[g] for d, g in zip(data, prepared.group_of_task)},
+        config.train.steps,
+    )
+    summary = {"objective": objective_name, "seed": seed, **summary,
+               "suite_metrics": SUITES.get(config.data.suite).summary_extras(rows)}
+    write_json(run.path / "summary.json", summary)
+    return summary
 
 
 def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer, sampler: MixtureSampler,
@@ -179,7 +189,11 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
     for step in range(start, steps + 1):
         if step > start or start == 0:  # a resumed run's row and checkpoint at `start` are already stored
             if step % train.eval_every == 0 or step == steps:
-                row = {"step": step, "eval": evaluate(model, prepared.data, device), "seconds": time.perf_counter() - started}
+                results = evaluate(model, prepared.data, device)
+                if not all(math.isfinite(v) for task in results.values() for v in task.values()):
+                    raise CapshapeError(f"Non-finite held-out metrics at step {step}: the model diverged; lower train.lr "
+                                        f"(now {train.lr}). The last good checkpoint is kept.")
+                row = {"step": step, "eval": results, "seconds": time.perf_counter() - started}
                 if totals["count"]:
                     row["train"] = {k: totals[k] / totals["count"] for k in ("loss", "objective", "grad_norm")}
                     row["train"].update(lr=learning_rate(step - 1, config), skipped_steps=totals["skipped"])

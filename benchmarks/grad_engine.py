@@ -1,0 +1,123 @@
+"""Cost of the per-example gradient engines against one plain training step (forward, backward,
+AdamW step) on the demo model and one batch, measured side by side (interleaved, median of repeats).
+
+    python benchmarks/grad_engine.py [--batch 256] [--repeats 10] [--exact-repeats 3] [--threads 1] [--device cpu]
+
+Memory, on CPU: the growth of the process's peak resident set (Linux VmHWM, reset through
+/proc/self/clear_refs after gc and malloc_trim) during one call: everything the call allocates and
+touches, intermediates included, but not memory the allocator reuses without returning it to the OS.
+On CUDA: torch.cuda.max_memory_allocated above the allocation before the call. "result" is the
+returned tensor alone.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from capshape.cli import DEMO_CONFIG
+from capshape.config import load_config
+from capshape.grads import GradientSketcher, gradient_gram, per_example_gradients
+from capshape.models import build_model, per_example_losses
+from capshape.train.loop import make_optimizer, prepare_data
+
+SKETCH_SIZES = (256, 1024, 4096)
+
+
+def peak_memory_growth(fn: Callable[[], Optional[torch.Tensor]], device: str) -> Optional[int]:
+    """Bytes by which peak memory rose during fn() (see the module docstring); None where unmeasurable."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+
+    def status_kib(field: str) -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+        return int(line.split()[1])
+
+    before = status_kib("VmRSS:")
+    fn()
+    return 1024 * (status_kib("VmHWM:") - before)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--exact-repeats", type=int, default=3, help="Repeats of the slow exact [N, P] gradients.")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = load_config(DEMO_CONFIG, ["data.train_examples=500", "data.eval_examples=16",
+                                       f"train.batch_size={args.batch}"])
+    prepared = prepare_data(config, seed=0)
+    batch = prepared.sampler(config, seed=0).sample().to(args.device)
+    model = build_model(config.model, prepared.suite.input_spec).to(args.device)
+    optimizer = make_optimizer(model, config)
+    inputs, labels = batch.inputs, batch.labels
+
+    def train_step() -> None:
+        loss = per_example_losses(model(inputs), labels).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    methods: dict[str, Callable[[], Optional[torch.Tensor]]] = {
+        "train step": train_step,
+        **{f"sketch k={k}": partial(GradientSketcher(model, k, seed=0), inputs, labels) for k in SKETCH_SIZES},
+        "exact gram": partial(gradient_gram, model, inputs, labels),
+        "exact [N, P]": partial(per_example_gradients, model, inputs, labels),
+    }
+    repeats = {name: args.exact_repeats if name == "exact [N, P]" else args.repeats for name in methods}
+
+    def timed(fn: Callable[[], Optional[torch.Tensor]]) -> float:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    for fn in methods.values():
+        timed(fn)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for round_ in range(args.repeats):
+        for name, fn in methods.items():
+            if round_ < repeats[name]:
+                times[name].append(timed(fn))
+    results = {name: fn() for name, fn in methods.items()}
+    memory = {name: peak_memory_growth(fn, args.device) for name, fn in methods.items()}
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"device={args.device} threads={args.threads} batch={len(inputs)} tokens={inputs.shape[1]} "
+          f"model=demo ({n_params} params), medians of interleaved repeats")
+    print(f"{'method':<14} {'repeats':>7} {'median ms':>10} {'x step':>7} {'result MB':>10} {'peak growth MB':>15}")
+    base = statistics.median(times["train step"])
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        result = results[name]
+        result_mb = f"{result.numel() * result.element_size() / 2**20:.1f}" if result is not None else "-"
+        growth_mb = f"{memory[name] / 2**20:.1f}" if memory[name] is not None else "n/a"
+        print(f"{name:<14} {len(samples):>7} {1000 * median:>10.1f} {median / base:>7.2f} {result_mb:>10} {growth_mb:>15}")
+
+
+if __name__ == "__main__":
+    main()

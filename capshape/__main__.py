@@ -1,0 +1,3 @@
+from capshape.cli import app
+
+app(prog_name="capshape")

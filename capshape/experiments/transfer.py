@@ -34,7 +34,7 @@ from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import Cell, run_cells
 from capshape.experiments.transfer_proxy import AffinityProbe
-from capshape.experiments.transfer_stats import METRICS, from_json, metric_stats, off_diagonal_spearman, ranked_pairs
+from capshape.experiments.transfer_stats import METRICS, from_json, metric_stats, rank_agreement, ranked_pairs
 from capshape.runstore import RunDir, read_json, write_json
 from capshape.tasks import TASKS
 from capshape.train import StepHooks, check_config, train_run
@@ -64,7 +64,8 @@ class TransferSection(Section):
     proxy_steps: int = Field(100, ge=0, description="Steps of the multi-task run on `tasks` (n_a examples each, batch "
                              "batch_a per task) that measures the proxies; 0 skips them.")
     proxy_every: int = Field(5, gt=0, description="Measure the proxies every N steps of that run (step 0: the base).")
-    proxy_lr: float = Field(0.1, gt=0, description="Learning rate η of the SGD lookahead step of the TAG affinity.")
+    proxy_lr: float = Field(1e-3, gt=0, description="Learning rate η of the SGD lookahead step of the TAG affinity "
+                            "(TAG uses the training learning rate; much larger steps overshoot and every Z turns negative).")
 
     @model_validator(mode="after")
     def _distinct(self) -> "TransferSection":
@@ -141,25 +142,21 @@ def base_model_path(base: Path) -> Path:
 
 
 def stage_config(config: TransferConfig, tasks: list[str], eval_only: list[str], n_train: int, steps: int,
-                 batch_size: int, lr: float, warmup_steps: int, init_from: Optional[Path],
-                 threads: Optional[int] = None) -> RunConfig:
+                 batch_size: int, lr: float, warmup_steps: int, init_from: Optional[Path]) -> RunConfig:
     """The plain run config of one stage: `mean` objective, evaluated at its first and last step only."""
     raw = config.model_dump(mode="json", exclude={"transfer"})
     raw.update(objectives=["mean"], objective={}, seeds=[0])
     raw["data"].update(tasks=tasks, eval_only=eval_only, jsonl=[], train_examples=n_train)
     raw["train"].update(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=steps,
                         checkpoint_every=steps, init_from=None if init_from is None else str(init_from))
-    if threads is not None:
-        raw["train"]["threads"] = threads
     return RunConfig.model_validate(raw)
 
 
 def pretrain_config(config: TransferConfig) -> RunConfig:
-    """The base's pre-training runs alone, so it gets every worker's threads."""
+    """The base's pre-training on pretrain_tasks, evaluated on the grid's tasks too (what the base knows)."""
     train = config.train
     return stage_config(config, config.transfer.pretrain_tasks, config.transfer.tasks, config.data.train_examples,
-                        config.transfer.pretrain_steps, train.batch_size, train.lr, train.warmup_steps, None,
-                        threads=train.threads * config.workers if train.threads else 0)
+                        config.transfer.pretrain_steps, train.batch_size, train.lr, train.warmup_steps, None)
 
 
 def finetune_config(config: TransferConfig, tasks: list[str], n_train: int, steps: int, batch_size: int,
@@ -287,9 +284,10 @@ def run_transfer(config: TransferConfig, out: Path, resume: bool = False, show_p
     wall: dict[str, float] = {}
 
     def wave(name: str, cells: list[Cell]) -> None:
-        started = time.perf_counter()
-        failures.update(run_cells(cells, config.workers, show_progress) if cells else {})
-        wall[name] = time.perf_counter() - started
+        if cells:
+            started = time.perf_counter()
+            failures.update(run_cells(cells, config.workers, show_progress))
+            wall[name] = time.perf_counter() - started
 
     if t.base is None and t.pretrain_tasks and not finished(out / "base"):
         wave("base", [Cell("base", pretrain_cell, t.pretrain_steps, dict(config=config, out=out))])
@@ -340,7 +338,7 @@ def summarize_proxy(out: Path, metrics: dict, grid_seconds: float) -> Optional[d
     if not path.exists():
         return None
     proxy = read_json(path)
-    correlations = {name: {metric: off_diagonal_spearman(np.array(proxy[name]), from_json(stats["transfer"]["mean"]))
+    correlations = {name: {metric: rank_agreement(np.array(proxy[name]), from_json(stats["transfer"]["mean"]))
                            for metric, stats in metrics.items()}
                     for name in ("lookahead", "cosine")}
     return {**proxy, "spearman": correlations, "grid_seconds": grid_seconds,

@@ -20,6 +20,7 @@ Matrices are lists of rows indexed [source A][target B] in task order, with None
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 from scipy import stats
@@ -124,11 +125,19 @@ def ranked_pairs(tasks: list[str], transfer: dict) -> list[dict]:
     return sorted(pairs, key=lambda pair: -pair["mean"])
 
 
-def off_diagonal_spearman(proxy: np.ndarray, measured: np.ndarray) -> dict:
-    """Spearman rank correlation over off-diagonal entries defined in both matrices."""
+def _spearman(x: np.ndarray, y: np.ndarray) -> Optional[float]:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:  # rank correlation undefined
+        return None
+    rho = float(stats.spearmanr(x, y).statistic)
+    return None if math.isnan(rho) else rho
+
+
+def rank_agreement(proxy: np.ndarray, measured: np.ndarray) -> dict:
+    """Spearman rank correlation of a proxy with the measured transfer over the off-diagonal entries
+    defined in both (`rho`), and its mean over target tasks B of the correlation across sources A
+    (`per_target`: does the proxy rank which A helps a given B most, whatever B's scale?)."""
     mask = ~np.eye(len(proxy), dtype=bool) & ~np.isnan(proxy) & ~np.isnan(measured)
-    if mask.sum() < 3:
-        return {"rho": None, "p": None, "n": int(mask.sum())}
-    result = stats.spearmanr(proxy[mask], measured[mask])
-    rho, p = float(result.statistic), float(result.pvalue)
-    return {"rho": None if math.isnan(rho) else rho, "p": None if math.isnan(p) else p, "n": int(mask.sum())}
+    columns = [_spearman(proxy[mask[:, j], j], measured[mask[:, j], j]) for j in range(len(proxy))]
+    columns = [rho for rho in columns if rho is not None]
+    return {"rho": _spearman(proxy[mask], measured[mask]), "n": int(mask.sum()),
+            "per_target": float(np.mean(columns)) if columns else None, "targets": len(columns)}

@@ -7,7 +7,9 @@ So any objective costs one ordinary backward, like the mean.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import ContextManager
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -50,6 +52,10 @@ class Objective:
     def group_ids(self, model: torch.nn.Module, batch) -> torch.Tensor:
         """The groups the objective uses; by default the data's labels (`batch.group_ids`)."""
         return batch.group_ids
+
+    def forward_context(self, model: torch.nn.Module, batch) -> ContextManager:
+        """Wraps the training forward pass, e.g. to record activations that `group_ids` then uses."""
+        return nullcontext()
 
     def observe(self, step: int, model: torch.nn.Module, sampler) -> dict | None:
         """Called before every step; objectives that learn their groups from gradients regroup here

@@ -20,9 +20,13 @@ class Grouped(Objective):
     Params = GroupedParams
 
     def weigh(self, per_example_losses: torch.Tensor, group_ids: torch.Tensor) -> Weighting:
-        p = self.params.p
-        means, counts = group_means(per_example_losses, group_ids, self.num_groups)
-        present = counts > 0
-        group_weight = torch.where(present, p * means.clamp(min=0) ** (p - 1) / counts.clamp(min=1), 0.0)
-        value = (means[present] ** p).sum()
-        return Weighting(group_weight[group_ids], value, {"absent_groups": float((~present).sum())})
+        return grouped_weighting(per_example_losses, group_ids, self.num_groups, self.params.p)
+
+
+def grouped_weighting(per_example_losses: torch.Tensor, group_ids: torch.Tensor, num_groups: int, p: float) -> Weighting:
+    """Weights w_j = p ℓ_g^(p-1) / n_g of L = Σ_g ℓ_g^p, for any source of group ids."""
+    means, counts = group_means(per_example_losses, group_ids, num_groups)
+    present = counts > 0
+    group_weight = torch.where(present, p * means.clamp(min=0) ** (p - 1) / counts.clamp(min=1), 0.0)
+    value = (means[present] ** p).sum()
+    return Weighting(group_weight[group_ids], value, {"absent_groups": float((~present).sum())})

@@ -107,21 +107,30 @@ class MixtureSampler:
             )
         self.data, self.weights, self.batch_size, self.stratify = data, weights, batch_size, stratify
         self.group_of_task = torch.tensor(group_of_task)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
-    def task_counts(self) -> torch.Tensor:
+    def task_counts(self, size: int, generator: torch.Generator) -> torch.Tensor:
         fixed = torch.ones(len(self.data), dtype=torch.long) if self.stratify else torch.zeros(len(self.data), dtype=torch.long)
-        free = self.batch_size - int(fixed.sum())
-        drawn = torch.multinomial(self.weights, free, replacement=True, generator=self.generator)
+        drawn = torch.multinomial(self.weights, size - int(fixed.sum()), replacement=True, generator=generator)
         return fixed + torch.bincount(drawn, minlength=len(self.data))
 
     def sample(self) -> Batch:
+        """The next training batch."""
+        return self._batch(self.batch_size, self.generator)
+
+    def draw(self, size: int, stream: int) -> Batch:
+        """`size` examples from the same mixture, from a generator of their own (seeded by the sampler's
+        seed and `stream`), so that drawing them leaves the training batches unchanged."""
+        return self._batch(size, torch.Generator().manual_seed((self.seed * 1_000_003 + stream) % 2**63))
+
+    def _batch(self, size: int, generator: torch.Generator) -> Batch:
         inputs, labels, task_ids = [], [], []
-        for task_id, count in enumerate(self.task_counts().tolist()):
+        for task_id, count in enumerate(self.task_counts(size, generator).tolist()):
             if count == 0:
                 continue
             pool = self.data[task_id].train
-            rows = torch.randint(len(pool.inputs), (count,), generator=self.generator)
+            rows = torch.randint(len(pool.inputs), (count,), generator=generator)
             inputs.append(pool.inputs[rows])
             labels.append(pool.labels[rows])
             task_ids.append(torch.full((count,), task_id))

@@ -1,7 +1,7 @@
 """Grokking (Power et al. 2022; Nanda et al. 2023): a∘b mod p over all p² pairs.
 
-The prompt is the text `a+b` (or `a-b`, `a*b`) and the target `(a∘b) mod p`, through the shared
-character tokenizer. A seeded shuffle puts `train_fraction` of the pairs in the training pool and
+The prompt is the text `a+b` (or `a-b`, `a*b`) and the target `(a∘b) mod p`, numbers written with
+a fixed number of digits (`07+42` -> `49` for p = 97), through the shared character tokenizer. A seeded shuffle puts `train_fraction` of the pairs in the training pool and
 all the others in the held-out set, so the held-out accuracy is the validation accuracy of the
 papers. Tasks:
 
@@ -40,7 +40,10 @@ class GrokkingParams(SuiteParams):
 def split_pairs(params: GrokkingParams, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(training pairs, validation pairs) of (prompt, target); together every a, b in 0..p-1 once."""
     symbol, operation = OPERATIONS[params.operation]
-    pairs = [(f"{a}{symbol}{b}", str(operation(a, b) % params.p)) for a in range(params.p) for b in range(params.p)]
+    width = len(str(params.p - 1))  # fixed-width numbers, so every digit has a fixed position: 07+42 -> 49
+    number = lambda n: f"{n:0{width}d}"
+    pairs = [(f"{number(a)}{symbol}{number(b)}", number(operation(a, b) % params.p))
+             for a in range(params.p) for b in range(params.p)]
     random.Random(task_seed(seed, "grokking")).shuffle(pairs)
     n_train = round(params.train_fraction * len(pairs))
     if not 0 < n_train < len(pairs):

@@ -132,15 +132,22 @@ def episodes(kind: str, count: int, params: ICLParams, world: World, generator: 
     raise ValueError(f"unknown episode kind {kind!r}: use train, in_context or in_weights")
 
 
-def render(episodes: Episodes, params: ICLParams, world: World, generator: torch.Generator) -> Split:
-    """Items with noise, one-hot labels on the context, zeros on the query."""
-    S, T = episodes.classes.shape
+def render(sequences: Episodes, params: ICLParams, world: World, generator: torch.Generator) -> Split:
+    """Items with fresh noise, one-hot labels on the context, zeros on the query: inputs [S, N+1, D+L]."""
+    S, T = sequences.classes.shape
     noise = torch.randn(S, T, params.dim, generator=generator) / math.sqrt(params.dim)
-    items = (world.prototypes[episodes.classes] + params.noise * noise) / math.sqrt(1 + params.noise**2)
-    onehot = torch.nn.functional.one_hot(episodes.labels, params.n_labels).float()
+    items = (world.prototypes[sequences.classes] + params.noise * noise) / math.sqrt(1 + params.noise**2)
+    onehot = torch.nn.functional.one_hot(sequences.labels, params.n_labels).float()
     onehot[:, -1] = 0.0  # the query's label is what the model predicts
-    targets = episodes.labels[:, -1]
+    targets = sequences.labels[:, -1]
     return Split([], [str(label) for label in targets.tolist()], torch.cat([items, onehot], -1), targets)
+
+
+TASKS = {  # task -> (kind of held-out sequences, description); only icl_train is trained on
+    "icl_train": ("train", "the training mixture of bursty and i.i.d. sequences"),
+    "icl_in_context": ("in_context", "novel classes, random labels given in the context"),
+    "icl_in_weights": ("in_weights", "training classes, the query's class absent from the context"),
+}
 
 
 class ICLSuite(Suite):
@@ -149,21 +156,13 @@ class ICLSuite(Suite):
     def build(self, data_config, params: ICLParams, seed: int, max_len: int) -> SuiteData:
         generator = torch.Generator().manual_seed(task_seed(seed, "icl"))
         world = World.make(params, generator)
-        n_train, n_eval = data_config.train_examples, data_config.eval_examples
         split = lambda kind, count: render(episodes(kind, count, params, world, generator), params, world, generator)
-        train = split("train", n_train)
-        tasks = [
-            (Task("icl_train", "icl", tag="", sample_input=None, solve=None,
-                  description="the training mixture of bursty and i.i.d. sequences"), train, split("train", n_eval)),
-            (Task("icl_in_context", "icl", tag="", sample_input=None, solve=None,
-                  description="novel classes, random labels given in context"), train, split("in_context", n_eval)),
-            (Task("icl_in_weights", "icl", tag="", sample_input=None, solve=None,
-                  description="training classes, query's class absent from the context"), train,
-             split("in_weights", n_eval)),
-        ]
-        data = [TaskData(task, train_split, held_out) for task, train_split, held_out in tasks]
+        train = split("train", data_config.train_examples)
+        data = [TaskData(Task(name, "icl", tag="", sample_input=None, solve=None, description=description),
+                         train, split(kind, data_config.eval_examples))
+                for name, (kind, description) in TASKS.items()]
         spec = InputSpec("vector_sequences", d_in=params.dim + params.n_labels, n_classes=params.n_labels)
-        return SuiteData(data, [True, False, False], spec)
+        return SuiteData(data, [name == "icl_train" for name in TASKS], spec)
 
 
 SUITES.add("icl", ICLSuite())

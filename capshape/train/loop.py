@@ -209,7 +209,7 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         batch = sampler.sample().to(device)
-        with hooks.around_forward(model, batch):
+        with hooks.around_forward(model, batch), objective.forward_context(model, batch):
             losses = hooks.losses(model, batch)
         loss, weighting = objective.loss(losses, objective.group_ids(model, batch))
         optimizer.zero_grad(set_to_none=True)

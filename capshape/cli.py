@@ -67,6 +67,32 @@ def run(
 
 @app.command()
 @user_errors
+def transfer(
+    config: Path = typer.Argument(..., help="TOML config file with a transfer section, e.g. configs/transfer.toml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set transfer.n_b=20."),
+    out: Path = typer.Option(Path("runs/transfer"), "--out", help="Output directory."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Parallel processes (default: the config's workers)."),
+    resume: bool = typer.Option(False, help="Keep finished cells in --out and compute only the rest."),
+):
+    """Transfer matrix: fine-tune on A then B for every task pair, vs B alone; writes report.html and summary.json."""
+    from capshape.experiments.transfer import TransferConfig, raise_transfer_failures, run_transfer
+    from capshape.report import build_report
+
+    overrides = (set_ or []) + ([] if workers is None else [f"workers={workers}"])
+    summary = run_transfer(load_config(config, overrides, schema=TransferConfig), out, resume=resume)
+    report = build_report(out)
+    raise_transfer_failures(summary)
+    for metric, stats in summary["metrics"].items():
+        ranked = stats["ranked"]
+        if ranked:
+            best, worst = ranked[0], ranked[-1]
+            console.print(f"{metric:>9} transfer ({stats['unit']}): most {best['a']}→{best['b']} {best['mean']:+.3g}, "
+                          f"least {worst['a']}→{worst['b']} {worst['mean']:+.3g}")
+    console.print(f"report: {report}\nsummary: {out / 'summary.json'}")
+
+
+@app.command()
+@user_errors
 def demo(
     steps: Optional[int] = typer.Option(None, help="Training steps per run (default: the demo config's)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output directory."),

@@ -90,10 +90,15 @@ class RunDir:
             os.fsync(handle.fileno())
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
+        return self.read_records(self.metrics_path.name)
+
+    def read_records(self, name: str) -> list[dict]:
+        """The JSON lines of `name` (none if it does not exist)."""
+        path = self.path / name
+        if not path.exists():
             return []
         rows = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in path.read_text().splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:

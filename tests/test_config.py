@@ -2,17 +2,23 @@ from pathlib import Path
 
 import pytest
 
-from capshape.config import build_config, load_config, parse_override
+from capshape.config import RunConfig, build_config, load_config, parse_override
 from capshape.errors import CapshapeError
+from capshape.experiments.transfer import TransferConfig, check_transfer_config
 from capshape.train import check_config
 
 SHIPPED = sorted(Path(__file__).parents[1].glob("configs/*.toml")) + sorted(
     Path(__file__).parents[1].glob("capshape/configs/*.toml"))
 
 
+# Protocol configs extend RunConfig with their own section: file name -> (schema, semantic check).
+PROTOCOL_CONFIGS = {"transfer.toml": (TransferConfig, check_transfer_config)}
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    check_config(load_config(path))
+    schema, check = PROTOCOL_CONFIGS.get(path.name, (RunConfig, check_config))
+    check(load_config(path, schema=schema))
 
 
 def test_demo_config_is_shipped_twice_identically():

@@ -8,6 +8,7 @@ from capshape.grads.output_layer import OutputLayerRecorder, output_layer_name
 from capshape.models import Transformer
 from capshape.config import ModelConfig
 from capshape.objectives import build_objective
+from capshape.report import build_report
 from capshape.runstore import RunDir
 from capshape.train import train_run
 
@@ -97,9 +98,11 @@ def test_gradient_cluster_assigns_to_nearest_centroid_and_uses_grouped_weights()
 def test_gradient_objectives_train_end_to_end_and_record_regroupings(tmp_path, tiny_config, objective, params):
     config = tiny_config.model_copy(update={"objectives": [objective], "objective": {objective: params}})
     train_run(config, objective, 0, tmp_path / "r")
-    records = [line for line in (tmp_path / "r" / "objective_records.jsonl").read_text().splitlines()]
-    assert len(records) == 3  # steps 0, 4, 8
+    records = RunDir(tmp_path / "r").read_records("objective_records.jsonl")
+    assert [r["step"] for r in records] == [0, 4, 8]
+    assert all(0 <= r["purity"] <= 1 for r in records)
     assert RunDir(tmp_path / "r").status()["status"] == "finished"
+    assert "Groups found from gradients" in build_report(tmp_path / "r").read_text()
 
 
 def test_gradient_objective_resume_is_exact(tmp_path, tiny_config):

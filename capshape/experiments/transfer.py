@@ -309,7 +309,8 @@ def run_transfer(config: TransferConfig, out: Path, resume: bool = False, show_p
 
 
 def summarize(config: TransferConfig, out: Path, failures: dict[str, str], wall: dict[str, float]) -> dict:
-    t = config.transfer
+    """The grid's statistics from every cell.json (and proxy.json) found under `out`."""
+    t, out = config.transfer, Path(out)
     cells = [read_json(cell_dir(out, *spec) / "cell.json") for spec in cell_specs(config)
              if (cell_dir(out, *spec) / "cell.json").exists()]
     metrics = {metric: metric_stats(cells, t.tasks, metric) for metric in METRICS}

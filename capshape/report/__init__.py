@@ -14,6 +14,7 @@ from pathlib import Path
 from capshape.errors import CapshapeError
 from capshape.report.html import render_page
 from capshape.report.plots import render_plots
+from capshape.report.transfer import is_transfer_dir, transfer_report
 from capshape.runstore import RunDir, read_json, write_atomic
 
 __all__ = ["build_report", "load_experiment", "Experiment", "Run"]
@@ -32,6 +33,7 @@ class Run:
     seed: int
     rows: list[dict]
     summary: dict
+    records: list[dict]  # objective_records.jsonl: one per regrouping, for objectives that regroup
 
     def eval_curve(self, task: str, metric: str) -> dict[int, float]:
         return _points((row["step"], row["eval"].get(task, {}).get(metric)) for row in self.rows)
@@ -80,13 +82,18 @@ class Experiment:
     def composed_tasks(self) -> list[str]:
         return list(dict.fromkeys(task for run in self.runs for task in run.summary.get("composition") or {}))
 
+    @property
+    def regrouping_objectives(self) -> list[str]:
+        return list(dict.fromkeys(run.objective for run in self.runs if run.records))
+
     def runs_of(self, objective: str) -> list[Run]:
         return [run for run in self.runs if run.objective == objective]
 
 
 def _load_run(path: Path) -> Run:
     summary = read_json(path / "summary.json")
-    return Run(summary["objective"], summary["seed"], RunDir(path).read_metrics(), summary)
+    run = RunDir(path)
+    return Run(summary["objective"], summary["seed"], run.read_metrics(), summary, run.read_records("objective_records.jsonl"))
 
 
 def _single_value(value) -> dict:
@@ -138,11 +145,16 @@ def load_experiment(path: Path) -> Experiment:
 
 
 def build_report(path: Path) -> Path:
-    """Writes `report.html` (and `plots/*.png`) into the run or comparison directory `path`; returns its path."""
-    experiment = load_experiment(path)
-    images = render_plots(experiment)
+    """Writes `report.html` (and `plots/*.png`) into the run, comparison or transfer directory `path`; returns its path."""
+    path = Path(path)
+    if is_transfer_dir(path):
+        images, page = transfer_report(path)
+    else:
+        experiment = load_experiment(path)
+        images = render_plots(experiment)
+        page = render_page(experiment, images)
     for name, png in images.items():
-        write_atomic(experiment.path / "plots" / f"{name}.png", png)
-    report = experiment.path / "report.html"
-    write_atomic(report, render_page(experiment, images).encode())
+        write_atomic(path / "plots" / f"{name}.png", png)
+    report = path / "report.html"
+    write_atomic(report, page.encode())
     return report

@@ -135,6 +135,14 @@ def render_page(experiment: Experiment, images: dict[str, bytes]) -> str:
             "<p>Measured accuracy of each composed task (solid) vs the product of its parts' accuracies "
             "(dashed), the prediction if the parts fail independently.</p>",
             image(images, "composition", "composition check")))
+    if "regrouping" in images:
+        sections.append(section(
+            "Groups found from gradients",
+            "<p>At each regrouping of a gradient-grouped objective: agreement of its groups with the true tasks "
+            "(adjusted Rand index, purity; never used for training), the number of groups or kept singular "
+            "directions, and, at the last regrouping, the eigengap criterion curve and the singular values.</p>",
+            image(images, "regrouping", "regrouping diagnostics"),
+            image(images, "spectrum", "spectra") if "spectrum" in images else ""))
     sections.append(section("Training loss", image(images, "training_loss", "training loss")))
     body = "\n".join(part for part in sections if part)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

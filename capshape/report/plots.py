@@ -54,7 +54,8 @@ def draw_series(ax, series: Series) -> None:
         ax.fill_between(steps, low, high, color=series.color, alpha=0.2, linewidth=0)
 
 
-def grid_figure(panels: dict[str, list[Series]], ylabel: str, sharey: bool = True, max_columns: int = 4):
+def grid_figure(panels: dict[str, list[Series]], ylabel: str, sharey: bool = True, max_columns: int = 4,
+                xlabel: str = "step"):
     """One panel per entry (title -> lines), shared x (and by default y) axes, one legend on top."""
     columns = min(max_columns, len(panels))
     rows = math.ceil(len(panels) / columns)
@@ -71,7 +72,7 @@ def grid_figure(panels: dict[str, list[Series]], ylabel: str, sharey: bool = Tru
     for column in range(columns):  # x labels on the lowest panel left in each column
         lowest = axes[(len(panels) - 1 - column) // columns, column]
         lowest.tick_params(labelbottom=True)
-        lowest.set_xlabel("step")
+        lowest.set_xlabel(xlabel)
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel)
     handles = {label: handle for ax in fig.axes for handle, label in zip(*ax.get_legend_handles_labels())}
@@ -119,6 +120,32 @@ def composition_figure(experiment: Experiment):
     return grid_figure(panels, "accuracy")
 
 
+def regrouping_lines(experiment: Experiment, curve: Callable[[Run], dict[int, float]]) -> list[Series]:
+    """Like objective_lines, for the objectives that regroup (their runs have objective records)."""
+    return [line for line in objective_lines(experiment, curve) if any(line.curves)]
+
+
+def record_curve(key: str) -> Callable[[Run], dict[int, float]]:
+    return lambda run: {record["step"]: record[key] for record in run.records if key in record}
+
+
+def regrouping_figure(experiment: Experiment):
+    """Per regrouping: agreement of the discovered groups with the true tasks, and how many groups."""
+    groups = lambda run: {r["step"]: r.get("k", r.get("rank")) for r in run.records}
+    panels = {"adjusted Rand index vs true tasks": regrouping_lines(experiment, record_curve("ari")),
+              "purity vs true tasks": regrouping_lines(experiment, record_curve("purity")),
+              "groups (k) or directions (rank)": regrouping_lines(experiment, groups)}
+    return grid_figure(panels, "value", sharey=False)
+
+
+def spectrum_panels(experiment: Experiment) -> dict[str, list[Series]]:
+    """At the last regrouping: the eigengap criterion curve and the gradient singular values (where recorded)."""
+    last = lambda key: lambda run: dict(enumerate(run.records[-1].get(key, []), start=1)) if run.records else {}
+    panels = {"normalised-Laplacian eigenvalues (eigengap picks k)": regrouping_lines(experiment, last("eigenvalues")),
+              "singular values of the gradient features": regrouping_lines(experiment, last("singular_values"))}
+    return {title: lines for title, lines in panels.items() if lines}
+
+
 def training_loss_figure(experiment: Experiment):
     return grid_figure({"training loss": objective_lines(experiment, lambda run: run.train_curve("loss"))},
                        "train loss")
@@ -163,5 +190,9 @@ def render_plots(experiment: Experiment) -> dict[str, bytes]:
     figures["alignment_tax"] = lambda: alignment_tax_figure(experiment)
     if experiment.composed_tasks:
         figures["composition"] = lambda: composition_figure(experiment)
+    if experiment.regrouping_objectives:
+        figures["regrouping"] = lambda: regrouping_figure(experiment)
+    if spectrum_panels(experiment):
+        figures["spectrum"] = lambda: grid_figure(spectrum_panels(experiment), "value", sharey=False, xlabel="index")
     figures["training_loss"] = lambda: training_loss_figure(experiment)
     return {name: png_bytes(make()) for name, make in figures.items()}

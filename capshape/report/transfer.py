@@ -1,0 +1,223 @@
+"""The report of a transfer grid (`capshape transfer`), from its summary.json alone.
+
+Per metric (held-out loss of B first: far less noisy than accuracy at small n_B): heatmaps of the raw
+matrix (B's value after A -> B, with the B-only baseline as the top row), the transfer matrix T_AB
+annotated with its 95 % t-interval half-width, and the similarity S and its signed variant, all with
+tasks in the leaf order of the hierarchical clustering; then the dendrogram. Then each proxy against
+the measured transfer, and the cost of the proxy relative to the grid.
+"""
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.cluster.hierarchy import dendrogram
+
+from capshape.report.html import STYLE, image, number, section
+from capshape.report.plots import png_bytes
+from capshape.runstore import read_json
+
+METRIC_TITLES = {"loss": "Held-out loss of B", "accuracy": "Held-out accuracy of B"}
+PROXY_TITLES = {"lookahead": "TAG lookahead affinity Z_A→B", "cosine": "gradient cosine"}
+
+
+def is_transfer_dir(path: Path) -> bool:
+    summary = Path(path) / "summary.json"
+    return summary.is_file() and read_json(summary).get("kind") == "transfer"
+
+
+def matrix(rows: list[list]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def heatmap(values: np.ndarray, labels: list[str], row_labels: list[str], title: str, texts, cmap: str,
+            diverging: bool, colorbar: str):
+    """One annotated heatmap: rows are sources A (or the baseline), columns targets B."""
+    fig, ax = plt.subplots(figsize=(0.9 * len(labels) + 2.6, 0.7 * len(row_labels) + 1.6), layout="constrained")
+    finite = values[np.isfinite(values)]
+    limit = float(np.abs(finite).max()) if finite.size else 1.0
+    low, high = ((-limit, limit) if diverging else (float(finite.min()), float(finite.max()))) if finite.size else (0, 1)
+    if high <= low:
+        low, high = low - 1, high + 1
+    shown = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=low, vmax=high, aspect="auto")
+    for (i, j), text in np.ndenumerate(texts):
+        if text:
+            dark = np.isfinite(values[i, j]) and abs(values[i, j] - (low + high) / 2) > 0.35 * (high - low)
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set_xlabel("target B (fine-tuned second)")
+    ax.set_ylabel("source A (fine-tuned first)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(shown, ax=ax, label=colorbar)
+    return fig
+
+
+def _ordered(rows: list[list], index: list[int]) -> np.ndarray:
+    return matrix(rows)[np.ix_(index, index)]
+
+
+def metric_figures(summary: dict, metric: str) -> dict:
+    """Figure makers for one metric, tasks in the clustering's order."""
+    stats, tasks = summary["metrics"][metric], summary["tasks"]
+    order = stats["clustering"]["order"]
+    index = [tasks.index(task) for task in order]
+    unit = stats["unit"]
+    scale, fmt = (100.0, "{:.0f}") if metric == "accuracy" else (1.0, "{:.2f}")  # accuracy shown in %
+    raw = scale * np.vstack([[np.nan if stats["baseline"][b]["mean"] is None else stats["baseline"][b]["mean"]
+                              for b in order], _ordered(stats["raw"], index)])
+    raw_texts = np.vectorize(lambda v: "" if np.isnan(v) else fmt.format(v), otypes=[object])(raw)
+    mean, low, high = (_ordered(stats["transfer"][key], index) for key in ("mean", "low", "high"))
+
+    def transfer_text(i: int, j: int) -> str:
+        if np.isnan(mean[i, j]):
+            return ""
+        star = "*" if low[i, j] > 0 or high[i, j] < 0 else ""
+        spread = "" if np.isnan(high[i, j]) else f"\n±{(high[i, j] - low[i, j]) / 2:.2g}"
+        return f"{mean[i, j]:+.2g}{star}{spread}"
+
+    transfer_texts = np.array([[transfer_text(i, j) for j in range(len(order))] for i in range(len(order))], dtype=object)
+    similarity = {key: _ordered(stats[key], index) for key in ("similarity", "signed_similarity")}
+    sim_texts = {key: np.vectorize(lambda v: "" if np.isnan(v) else f"{v:.2g}", otypes=[object])(values)
+                 for key, values in similarity.items()}
+    raw_label = "accuracy (%)" if metric == "accuracy" else "held-out loss (nats)"
+    return {
+        f"{metric}_raw": lambda: heatmap(raw, order, ["none (B only)"] + order,
+                                         f"{METRIC_TITLES[metric]} after A → B (top row: B only)", raw_texts,
+                                         "viridis" if metric == "accuracy" else "viridis_r", False, raw_label),
+        f"{metric}_transfer": lambda: heatmap(mean, order, order, f"transfer T_AB ({unit}, ± 95% CI half-width; "
+                                              f"* CI excludes 0)", transfer_texts, "RdBu", True, f"T_AB ({unit})"),
+        f"{metric}_similarity": lambda: heatmap(similarity["similarity"], order, order,
+                                                "similarity S_AB = sqrt(max(T_AB,0)·max(T_BA,0))",
+                                                sim_texts["similarity"], "Greens", False, f"S ({unit})"),
+        f"{metric}_signed_similarity": lambda: heatmap(similarity["signed_similarity"], order, order,
+                                                       "signed similarity (0 where T_AB, T_BA disagree in sign)",
+                                                       sim_texts["signed_similarity"], "RdBu", True, f"S ({unit})"),
+        f"{metric}_dendrogram": lambda: dendrogram_figure(stats["clustering"], tasks, metric),
+    }
+
+
+def dendrogram_figure(clustering: dict, tasks: list[str], metric: str):
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(tasks) + 2), 3.2), layout="constrained")
+    dendrogram(np.array(clustering["linkage"]), labels=tasks, ax=ax, color_threshold=0, above_threshold_color="C0")
+    ax.set_ylabel("distance max(S) − S")
+    ax.set_title(f"average-linkage clustering on the {metric} similarity", fontsize=10)
+    return fig
+
+
+def proxy_figure(summary: dict):
+    """Each proxy (rows) against the measured transfer of each metric (columns), off-diagonal pairs."""
+    proxy, tasks = summary["proxy"], summary["tasks"]
+    off = ~np.eye(len(tasks), dtype=bool)
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6.5), layout="constrained", squeeze=False)
+    for row, name in enumerate(PROXY_TITLES):
+        for column, metric in enumerate(METRIC_TITLES):
+            ax = axes[row, column]
+            measured = matrix(summary["metrics"][metric]["transfer"]["mean"])
+            ax.scatter(np.array(proxy[name])[off], measured[off], s=12)
+            rho = proxy["spearman"][name][metric]["rho"]
+            ax.set_title(f"Spearman ρ = {number(rho)}", fontsize=9)
+            ax.set_xlabel(PROXY_TITLES[name])
+            ax.set_ylabel(f"T_AB, {metric} ({summary['metrics'][metric]['unit']})")
+            ax.axhline(0, color="black", linewidth=0.6)
+            ax.grid(alpha=0.3)
+    return fig
+
+
+def render_transfer_plots(summary: dict) -> dict[str, bytes]:
+    makers = {}
+    for metric in METRIC_TITLES:
+        makers.update(metric_figures(summary, metric))
+    if summary.get("proxy"):
+        makers["proxy"] = lambda: proxy_figure(summary)
+    return {name: png_bytes(make()) for name, make in makers.items()}
+
+
+def interval(pair: dict) -> str:
+    spread = "" if pair["low"] is None else f" [{number(pair['low'])}, {number(pair['high'])}]"
+    return f"{pair['mean']:+.3g}{spread}"
+
+
+def pairs_table(summary: dict, metric: str, count: int = 5) -> str:
+    ranked = summary["metrics"][metric]["ranked"]
+    chosen = [("most", pair) for pair in ranked[:count]] + [("least", pair) for pair in ranked[-count:][::-1]]
+    rows = "".join(f"<tr><td>{kind}</td><td>{escape(pair['a'])} → {escape(pair['b'])}</td><td>{interval(pair)}</td></tr>"
+                   for kind, pair in chosen)
+    unit = summary["metrics"][metric]["unit"]
+    return f"<table><tr><th></th><th>A → B</th><th>T_AB ({unit}), 95% CI</th></tr>{rows}</table>"
+
+
+def base_table(summary: dict) -> str:
+    rows = ""
+    for task in summary["tasks"]:
+        base = summary["base_eval"].get(task, {})
+        after = {m: summary["metrics"][m]["baseline"][task]["mean"] for m in METRIC_TITLES}
+        rows += (f"<tr><td>{escape(task)}</td><td>{number(base.get('accuracy'))}</td><td>{number(base.get('loss'))}</td>"
+                 f"<td>{number(after['accuracy'])}</td><td>{number(after['loss'])}</td></tr>")
+    return ("<table><tr><th>task B</th><th>base accuracy</th><th>base loss</th><th>B-only accuracy</th>"
+            f"<th>B-only loss</th></tr>{rows}</table>")
+
+
+def proxy_section(summary: dict, images: dict[str, bytes]) -> str:
+    proxy = summary.get("proxy")
+    if not proxy:
+        return ""
+    rows = "".join(
+        f"<tr><td>{escape(PROXY_TITLES[name])}</td>"
+        + "".join(f"<td>{number(proxy['spearman'][name][m]['rho'])}</td><td>{number(proxy['spearman'][name][m]['per_target'])}</td>"
+                  for m in METRIC_TITLES) + "</tr>"
+        for name in PROXY_TITLES)
+    heads = "".join(f"<th>ρ ({m}, all pairs)</th><th>mean ρ per target B ({m})</th>" for m in METRIC_TITLES)
+    cost = (f"<p>Cost: the proxy's run took {number(proxy['seconds'])} s of training loop ({number(proxy['probe_seconds'])} s "
+            f"of it in the probe, {proxy['measured_steps']} measured steps); the grid's stages took "
+            f"{number(proxy['grid_seconds'])} s, so the proxy costs {number(proxy['relative_cost'])} of the grid "
+            f"(single-process loop seconds; the shared base is left out of both).</p>")
+    return section("Cheap proxies from one multi-task run",
+                   "<p>Lookahead affinity Z_A→B = 1 − ℓ_B(θ − η∇ℓ_A)/ℓ_B(θ) (TAG, Fifty et al. 2021) and the cosine of "
+                   "the tasks' batch-mean gradients, averaged over steps of one multi-task run from the base. "
+                   "Spearman rank correlation with the measured T_AB over off-diagonal pairs:</p>",
+                   f"<table><tr><th>proxy</th>{heads}</tr>{rows}</table>", cost, image(images, "proxy", "proxies"))
+
+
+def render_transfer_page(summary: dict, images: dict[str, bytes], path: Path, config: dict) -> str:
+    facts = {"directory": str(path), "tasks": ", ".join(summary["tasks"]), "seeds": ", ".join(map(str, summary["seeds"])),
+             "examples": f"n_A = {summary['n_a']}, n_B = {summary['n_b']}",
+             "cells": f"{summary['cells']} of {summary['expected_cells']} finished", "base": str(summary["base"])}
+    header = (f"<h1>{escape(summary['name'])}: transfer matrix</h1><dl>"
+              + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts.items()) + "</dl>"
+              + f"<details><summary>config</summary><pre>{escape(json.dumps(config, indent=2))}</pre></details>")
+    failed = "".join(f"<li><b>{escape(name)}</b>: {escape(str(error))}</li>" for name, error in summary["failed"].items())
+    parts = [header, f'<div class="warning"><b>{len(summary["failed"])} cell(s) failed</b> and are left out:'
+                     f"<ul>{failed}</ul></div>" if failed else "",
+             section("Protocol",
+                     "<p>For every ordered pair (A, B): the base fine-tuned on n_A examples of A, then on n_B examples "
+                     "of B, against the base fine-tuned on the same n_B examples of B alone (same seed: same B data, "
+                     "same held-out set). T_AB &gt; 0: A first helped B. Accuracy T in percentage points, loss T as "
+                     "the loss reduction in nats. Intervals are 95% t-intervals over seeds (wide with few seeds: "
+                     "±4.30 standard errors with 3). With n_B this small most accuracies stay near zero, so accuracy T is mostly "
+                     "noise around 0; the loss-based T is the informative one.</p>",
+                     base_table(summary))]
+    for metric, title in METRIC_TITLES.items():
+        parts.append(section(title,
+                             *(image(images, f"{metric}_{kind}", f"{metric} {kind}")
+                               for kind in ("raw", "transfer", "similarity", "signed_similarity", "dendrogram")),
+                             "<p>Pairs that transfer most and least:</p>", pairs_table(summary, metric)))
+    parts.append(proxy_section(summary, images))
+    seconds = summary["seconds"]
+    parts.append(section("Time", f"<pre>{escape(json.dumps(seconds, indent=2))}</pre>"))
+    body = "\n".join(part for part in parts if part)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{escape(summary['name'])} — capshape transfer report</title><style>{STYLE}</style></head>"
+            f"<body>\n{body}\n</body></html>\n")
+
+
+def transfer_report(path: Path) -> tuple[dict[str, bytes], str]:
+    """The plots and the page of the transfer directory `path`."""
+    path = Path(path)
+    summary = read_json(path / "summary.json")
+    config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+    images = render_transfer_plots(summary)
+    return images, render_transfer_page(summary, images, path, config)

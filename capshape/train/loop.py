@@ -24,7 +24,7 @@ import torch
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
 from capshape.models import build_model, per_example_losses
-from capshape.objectives import Objective, build_objective
+from capshape.objectives import Objective, Weighting, build_objective
 from capshape.runstore import RunDir, exclusive, read_json, write_json
 from capshape.tasks import Batch, MixtureSampler, SuiteData, build_suite, mixture_weights
 from capshape.tasks.suites import SUITES, parse_suite_params
@@ -180,6 +180,35 @@ def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: Run
     return summary
 
 
+@dataclass
+class StepResult:
+    losses: torch.Tensor  # [B], detached
+    weighting: Weighting
+    grad_norm: torch.Tensor
+    finite: bool  # False: loss or gradient was NaN/inf and the optimizer step was not taken
+    record: Optional[dict]  # what the objective's observe() returned, if anything
+
+
+def training_step(step: int, config: RunConfig, model, objective: Objective, optimizer, sampler: MixtureSampler,
+                  hooks: StepHooks, device: str) -> StepResult:
+    """One optimizer step: observe, sample, forward, weigh, one backward, clip, step."""
+    record = objective.observe(step, model, sampler)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, config)
+    batch = sampler.sample().to(device)
+    with hooks.around_forward(model, batch), objective.forward_context(model, batch):
+        losses = hooks.losses(model, batch)
+    loss, weighting = objective.loss(losses, objective.group_ids(model, batch))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    hooks.after_backward(model, batch)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip or float("inf"))
+    finite = bool(torch.isfinite(grad_norm) and torch.isfinite(loss))
+    if finite:
+        optimizer.step()
+    return StepResult(losses.detach(), weighting, grad_norm, finite, record)
+
+
 def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer, sampler: MixtureSampler,
           prepared: Prepared, start: int, on_progress: Optional[ProgressFn], device: str, hooks: StepHooks) -> None:
     steps, train = config.train.steps, config.train
@@ -203,31 +232,20 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
                 save_checkpoint(run.checkpoint_path, step, model, optimizer, objective, sampler)
         if step == steps:
             break
-        record = objective.observe(step, model, sampler)
-        if record is not None:
-            run.append_record("objective_records.jsonl", {"step": step, **record})
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        batch = sampler.sample().to(device)
-        with hooks.around_forward(model, batch), objective.forward_context(model, batch):
-            losses = hooks.losses(model, batch)
-        loss, weighting = objective.loss(losses, objective.group_ids(model, batch))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        hooks.after_backward(model, batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip or float("inf"))
-        if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
+        result = training_step(step, config, model, objective, optimizer, sampler, hooks, device)
+        if result.record is not None:
+            run.append_record("objective_records.jsonl", {"step": step, **result.record})
+        if not result.finite:
             if train.on_nonfinite == "stop":
                 raise CapshapeError(
                     f"Non-finite loss or gradient at step {step}: lower train.lr (now {train.lr}), enable "
                     f"train.grad_clip, or set train.on_nonfinite='skip'; the last good checkpoint is kept.")
             totals["skipped"] += 1
             continue
-        optimizer.step()
-        mean_loss = float(losses.detach().mean())
+        mean_loss = float(result.losses.mean())
         totals["loss"] += mean_loss
-        totals["objective"] += float(weighting.value)
-        totals["grad_norm"] += float(grad_norm)
+        totals["objective"] += float(result.weighting.value)
+        totals["grad_norm"] += float(result.grad_norm)
         totals["count"] += 1
         if on_progress:
             on_progress(step + 1, mean_loss)

@@ -1,0 +1,57 @@
+"""Amortised cost per training step of each objective relative to `mean`, through the real
+training step (capshape.train.loop.training_step), over whole regrouping periods, on the demo model.
+The gradient-grouped objectives pay for a regrouping every `regroup_every` steps and for their
+per-batch features on every step; both are included. Target: overhead <= 10% at the default regroup_every.
+
+    python benchmarks/objective_overhead.py [--periods 1] [--regroup-every 200] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from capshape.cli import DEMO_CONFIG
+from capshape.config import load_config
+from capshape.models import build_model
+from capshape.objectives import build_objective
+from capshape.train.loop import StepHooks, make_optimizer, prepare_data, training_step
+
+OBJECTIVES = ("mean", "grouped", "gradient_cluster", "svd_grouped")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--periods", type=int, default=1, help="Regrouping periods timed per objective.")
+    parser.add_argument("--regroup-every", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = load_config(DEMO_CONFIG, ["data.train_examples=2000", "data.eval_examples=16"])
+    prepared = prepare_data(config, seed=0)
+    steps = args.periods * args.regroup_every
+    seconds = {}
+    for name in OBJECTIVES:
+        params = {"regroup_every": args.regroup_every} if name in ("gradient_cluster", "svd_grouped") else {}
+        objective = build_objective(name, params, len(prepared.group_names))
+        torch.manual_seed(0)
+        model = build_model(config.model, prepared.suite.input_spec).to(args.device)
+        optimizer = make_optimizer(model, config)
+        sampler = prepared.sampler(config, seed=0)
+        started = time.perf_counter()
+        for step in range(steps):
+            training_step(step, config, model, objective, optimizer, sampler, StepHooks(), args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds[name] = time.perf_counter() - started
+    print(f"device={args.device} threads={args.threads} batch={config.train.batch_size} steps={steps} "
+          f"regroup_every={args.regroup_every} (regroupings at steps 0, {args.regroup_every}, ...)")
+    print(f"{'objective':<18} {'ms/step':>8} {'vs mean':>8}")
+    for name, total in seconds.items():
+        print(f"{name:<18} {1000 * total / steps:>8.2f} {total / seconds['mean']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,20 +32,21 @@ def main() -> None:
     config = load_config(DEMO_CONFIG, ["data.train_examples=2000", "data.eval_examples=16"])
     prepared = prepare_data(config, seed=0)
     steps = args.periods * args.regroup_every
-    seconds = {}
+    runs = {}
     for name in OBJECTIVES:
         params = {"regroup_every": args.regroup_every} if name in ("gradient_cluster", "svd_grouped") else {}
-        objective = build_objective(name, params, len(prepared.group_names))
         torch.manual_seed(0)
         model = build_model(config.model, prepared.suite.input_spec).to(args.device)
-        optimizer = make_optimizer(model, config)
-        sampler = prepared.sampler(config, seed=0)
-        started = time.perf_counter()
-        for step in range(steps):
+        runs[name] = (model, build_objective(name, params, len(prepared.group_names)), make_optimizer(model, config),
+                      prepared.sampler(config, seed=0))
+    seconds = dict.fromkeys(OBJECTIVES, 0.0)
+    for step in range(steps):  # interleaved, so that load changes hit every objective alike
+        for name, (model, objective, optimizer, sampler) in runs.items():
+            started = time.perf_counter()
             training_step(step, config, model, objective, optimizer, sampler, StepHooks(), args.device)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds[name] = time.perf_counter() - started
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds[name] += time.perf_counter() - started
     print(f"device={args.device} threads={args.threads} batch={config.train.batch_size} steps={steps} "
           f"regroup_every={args.regroup_every} (regroupings at steps 0, {args.regroup_every}, ...)")
     print(f"{'objective':<18} {'ms/step':>8} {'vs mean':>8}")

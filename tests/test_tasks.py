@@ -120,3 +120,31 @@ def test_bad_jsonl_lines_are_named(tmp_path, line, message):
 def test_missing_jsonl_file(tmp_path):
     with pytest.raises(CapshapeError, match="does not exist"):
         load_jsonl_tasks(tmp_path / "nope.jsonl")
+
+
+def test_digits_suite_splits_each_class_disjointly(tiny_config):
+    from capshape.train import prepare_data
+
+    config = tiny_config.model_copy(update={
+        "data": tiny_config.data.model_copy(update={"suite": "digits", "train_examples": 1000}),
+        "model": tiny_config.model.model_copy(update={"kind": "mlp", "width": 32}),
+        "train": tiny_config.train.model_copy(update={"batch_size": 20})})
+    prepared = prepare_data(config, seed=0)
+    assert [d.task.name for d in prepared.data] == [f"digit_{i}" for i in range(10)]
+    for task_data in prepared.data:
+        train_rows = {tuple(row.tolist()) for row in task_data.train.inputs}
+        held_rows = [tuple(row.tolist()) for row in task_data.held_out.inputs]
+        assert len(held_rows) >= 40 and len(task_data.train.inputs) >= 120
+        assert set(task_data.train.labels.tolist()) == set(task_data.held_out.labels.tolist()) == {int(task_data.task.name[-1])}
+        assert sum(row in train_rows for row in held_rows) <= 2  # the data set itself holds a few duplicate images
+
+
+def test_digits_suite_trains_an_mlp(tmp_path, tiny_config):
+    from capshape.train import train_run
+
+    config = tiny_config.model_copy(update={
+        "data": tiny_config.data.model_copy(update={"suite": "digits"}),
+        "model": tiny_config.model.model_copy(update={"kind": "mlp", "width": 32}),
+        "train": tiny_config.train.model_copy(update={"batch_size": 20, "steps": 40, "eval_every": 20, "lr": 1e-2})})
+    summary = train_run(config, "grouped", 0, tmp_path / "r")
+    assert summary["mean_accuracy"] > 0.3

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Optional
 
@@ -53,7 +53,6 @@ class Prepared:
     suite: SuiteData
     group_names: list[str]
     group_of_task: list[int]  # task index -> group index
-    extra: dict = field(default_factory=dict)
 
     @property
     def data(self):

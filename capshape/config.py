@@ -33,6 +33,7 @@ class DataConfig(Section):
     eval_examples: int = Field(256, gt=0, description="Size of each task's held-out set (disjoint from training).")
     eval_only: list[str] = Field([], description="Text tasks evaluated on held-out data but never trained on.")
     stratify: bool = Field(True, description="Every trained task appears in every batch.")
+    burstiness: int = Field(1, gt=0, description="Examples per run of one task within a batch (1: i.i.d.).")
     group_by: Literal["task", "group"] = Field("task", description="Capability groups for grouped objectives: one per task, or the tasks' group labels.")
 
     @model_validator(mode="after")

@@ -148,3 +148,25 @@ def test_digits_suite_trains_an_mlp(tmp_path, tiny_config):
         "train": tiny_config.train.model_copy(update={"batch_size": 20, "steps": 40, "eval_every": 20, "lr": 1e-2})})
     summary = train_run(config, "grouped", 0, tmp_path / "r")
     assert summary["mean_accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("burstiness", [1, 4])
+def test_bursty_batches_are_runs_of_one_task_with_zipf_frequencies(burstiness):
+    data = [build_task_data(TASKS.get(n), 100, 10, 0, 24) for n in ("add", "copy", "sort", "reverse")]
+    weights = mixture_weights([d.task.name for d in data], "zipf", zipf_exponent=1.5)
+    sampler = MixtureSampler(data, weights, [0, 1, 2, 3], batch_size=64, stratify=False, seed=0, burstiness=burstiness)
+    counts = torch.zeros(4)
+    for _ in range(200):
+        batch = sampler.sample()
+        runs = batch.task_ids.view(-1, burstiness)
+        assert (runs == runs[:, :1]).all()  # every run is one task, exactly `burstiness` long
+        for task_id, row in zip(batch.task_ids.tolist(), batch.inputs):
+            assert row[1] == TOKENIZER.encode(data[task_id].task.tag)[0]  # the example belongs to its task
+        counts += torch.bincount(batch.task_ids, minlength=4)
+    torch.testing.assert_close(counts / counts.sum(), weights, atol=0.02, rtol=0)
+
+
+def test_burstiness_must_divide_the_batch():
+    data = [build_task_data(TASKS.get("add"), 50, 10, 0, 24)]
+    with pytest.raises(CapshapeError, match="data.burstiness"):
+        MixtureSampler(data, torch.ones(1), [0], batch_size=10, stratify=False, seed=0, burstiness=4)

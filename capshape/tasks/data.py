@@ -95,25 +95,34 @@ def mixture_weights(names: list[str], kind: str, zipf_exponent: float = 1.0,
 class MixtureSampler:
     """Draws batches from the tasks' training pools with a seeded torch.Generator.
 
-    With `stratify`, every task contributes at least one example per batch and the remaining
-    slots are drawn from the mixture, so every group is present at every step.
+    A batch is made of runs of `burstiness` consecutive examples of one task (1: i.i.d. examples);
+    runs are drawn from the mixture, so task frequencies follow it whatever the burstiness
+    (Chan et al. 2022: bursty, Zipfian data change what is learned). With `stratify`, every task
+    contributes at least one run per batch and the remaining runs are drawn from the mixture, so
+    every group is present at every step.
     """
 
     def __init__(self, data: list[TaskData], weights: torch.Tensor, group_of_task: list[int],
-                 batch_size: int, stratify: bool, seed: int):
-        if stratify and batch_size < len(data):
+                 batch_size: int, stratify: bool, seed: int, burstiness: int = 1):
+        if batch_size % burstiness:
+            raise CapshapeError(f"train.batch_size={batch_size} is not a multiple of data.burstiness={burstiness}.")
+        if stratify and batch_size // burstiness < len(data):
             raise CapshapeError(
-                f"train.batch_size={batch_size} is smaller than the {len(data)} tasks: raise it or set data.stratify=false."
+                f"train.batch_size={batch_size} holds fewer runs of data.burstiness={burstiness} than the {len(data)} "
+                f"tasks: raise it or set data.stratify=false."
             )
         self.data, self.weights, self.batch_size, self.stratify = data, weights, batch_size, stratify
+        self.burstiness = burstiness
         self.group_of_task = torch.tensor(group_of_task)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
-    def task_counts(self, size: int, generator: torch.Generator) -> torch.Tensor:
-        fixed = torch.ones(len(self.data), dtype=torch.long) if self.stratify else torch.zeros(len(self.data), dtype=torch.long)
-        drawn = torch.multinomial(self.weights, size - int(fixed.sum()), replacement=True, generator=generator)
-        return fixed + torch.bincount(drawn, minlength=len(self.data))
+    def task_runs(self, size: int, generator: torch.Generator) -> list[int]:
+        """The task of each run of `burstiness` examples in a batch of `size`, in batch order."""
+        fixed = list(range(len(self.data))) if self.stratify else []
+        runs = max(size // self.burstiness, len(fixed))
+        drawn = torch.multinomial(self.weights, runs - len(fixed), replacement=True, generator=generator)
+        return fixed + drawn.tolist()
 
     def sample(self) -> Batch:
         """The next training batch."""
@@ -125,17 +134,16 @@ class MixtureSampler:
         return self._batch(size, torch.Generator().manual_seed((self.seed * 1_000_003 + stream) % 2**63))
 
     def _batch(self, size: int, generator: torch.Generator) -> Batch:
-        inputs, labels, task_ids = [], [], []
-        for task_id, count in enumerate(self.task_counts(size, generator).tolist()):
-            if count == 0:
-                continue
+        task_ids = torch.tensor(self.task_runs(size, generator)).repeat_interleave(self.burstiness)
+        first = self.data[0].train
+        inputs = first.inputs.new_empty((len(task_ids), *first.inputs.shape[1:]))
+        labels = first.labels.new_empty((len(task_ids), *first.labels.shape[1:]))
+        for task_id in task_ids.unique().tolist():
+            positions = (task_ids == task_id).nonzero().squeeze(1)
             pool = self.data[task_id].train
-            rows = torch.randint(len(pool.inputs), (count,), generator=generator)
-            inputs.append(pool.inputs[rows])
-            labels.append(pool.labels[rows])
-            task_ids.append(torch.full((count,), task_id))
-        task_ids = torch.cat(task_ids)
-        return Batch(torch.cat(inputs), torch.cat(labels), task_ids, self.group_of_task[task_ids])
+            rows = torch.randint(len(pool.inputs), (len(positions),), generator=generator)
+            inputs[positions], labels[positions] = pool.inputs[rows], pool.labels[rows]
+        return Batch(inputs, labels, task_ids, self.group_of_task[task_ids])
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()

@@ -64,7 +64,7 @@ class Prepared:
         weights = mixture_weights([self.data[i].task.name for i in trained], config.data.mixture,
                                   config.data.zipf_exponent, config.data.weights)
         return MixtureSampler([self.data[i] for i in trained], weights, [self.group_of_task[i] for i in trained],
-                              config.train.batch_size, config.data.stratify, seed)
+                              config.train.batch_size, config.data.stratify, seed, config.data.burstiness)
 
 
 def prepare_data(config: RunConfig, seed: int) -> Prepared:

@@ -93,6 +93,31 @@ def transfer(
 
 @app.command()
 @user_errors
+def overhang(
+    config: Path = typer.Argument(..., help="TOML config file with an overhang section, e.g. configs/overhang.toml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set overhang.target=sub."),
+    out: Path = typer.Option(Path("runs/overhang"), "--out", help="Output directory."),
+    resume: bool = typer.Option(False, help="Reuse finished runs in --out and compute only the rest."),
+):
+    """Capability overhang: train under several regimes, fine-tune on natural data, time the target's return."""
+    from capshape.experiments import raise_failures
+    from capshape.experiments.overhang import OverhangConfig, run_overhang
+    from capshape.report import build_report
+
+    summary = run_overhang(load_config(config, set_ or [], schema=OverhangConfig), out, resume=resume)
+    report = build_report(out)
+    raise_failures(summary)
+    for regime, stats in summary["regimes"].items():
+        saved = stats["steps_saved_vs_never_trained"]["mean"]
+        console.print(f"{regime:>14}: target acc after phase 1 {stats['phase1_target_accuracy']['mean']:.3f}, "
+                      f"phase-2 AUC {stats['auc']['mean']:.3f}"
+                      + ("" if saved is None else f", steps saved vs never trained {saved:+.0f}")
+                      + (" (overhang)" if stats["overhang"] else ""))
+    console.print(f"report: {report}\nsummary: {out / 'summary.json'}")
+
+
+@app.command()
+@user_errors
 def demo(
     steps: Optional[int] = typer.Option(None, help="Training steps per run (default: the demo config's)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output directory."),

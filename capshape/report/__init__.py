@@ -14,7 +14,8 @@ from pathlib import Path
 from capshape.errors import CapshapeError
 from capshape.report.html import render_page
 from capshape.report.plots import render_plots
-from capshape.report.transfer import is_transfer_dir, transfer_report
+from capshape.report.overhang import overhang_report
+from capshape.report.transfer import transfer_report
 from capshape.runstore import RunDir, read_json, write_atomic
 
 __all__ = ["build_report", "load_experiment", "Experiment", "Run"]
@@ -144,11 +145,16 @@ def load_experiment(path: Path) -> Experiment:
                         f"comparison directory (summary.json with 'objectives'): pass a directory written by capshape.")
 
 
+# Protocol outputs name their kind in summary.json; each has its own report, from its files alone.
+PROTOCOL_REPORTS = {"transfer": transfer_report, "overhang": overhang_report}
+
+
 def build_report(path: Path) -> Path:
-    """Writes `report.html` (and `plots/*.png`) into the run, comparison or transfer directory `path`; returns its path."""
+    """Writes `report.html` (and `plots/*.png`) into the run, comparison or protocol directory `path`; returns its path."""
     path = Path(path)
-    if is_transfer_dir(path):
-        images, page = transfer_report(path)
+    kind = read_json(path / "summary.json").get("kind") if (path / "summary.json").is_file() else None
+    if kind in PROTOCOL_REPORTS:
+        images, page = PROTOCOL_REPORTS[kind](path)
     else:
         experiment = load_experiment(path)
         images = render_plots(experiment)

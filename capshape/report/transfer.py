@@ -9,6 +9,7 @@ the measured transfer, and the cost of the proxy relative to the grid.
 from __future__ import annotations
 
 import json
+import warnings
 from html import escape
 from pathlib import Path
 
@@ -22,11 +23,6 @@ from capshape.runstore import read_json
 
 METRIC_TITLES = {"loss": "Held-out loss of B", "accuracy": "Held-out accuracy of B"}
 PROXY_TITLES = {"lookahead": "TAG lookahead affinity Z_A→B", "cosine": "gradient cosine"}
-
-
-def is_transfer_dir(path: Path) -> bool:
-    summary = Path(path) / "summary.json"
-    return summary.is_file() and read_json(summary).get("kind") == "transfer"
 
 
 def matrix(rows: list[list]) -> np.ndarray:
@@ -102,9 +98,14 @@ def metric_figures(summary: dict, metric: str) -> dict:
 
 def dendrogram_figure(clustering: dict, tasks: list[str], metric: str):
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(tasks) + 2), 3.2), layout="constrained")
-    dendrogram(np.array(clustering["linkage"]), labels=tasks, ax=ax, color_threshold=0, above_threshold_color="C0")
+    links = np.array(clustering["linkage"])
+    flat = not links[:, 2].any()  # no pair has a positive similarity: every merge at distance 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # scipy warns when it sets equal y limits (flat)
+        dendrogram(links, labels=tasks, ax=ax, color_threshold=0, above_threshold_color="C0")
     ax.set_ylabel("distance max(S) − S")
-    ax.set_title(f"average-linkage clustering on the {metric} similarity", fontsize=10)
+    ax.set_title(f"average-linkage clustering on the {metric} similarity"
+                 + (" (no pair helps each other: no structure)" if flat else ""), fontsize=10)
     return fig
 
 

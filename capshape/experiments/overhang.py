@@ -1,0 +1,184 @@
+"""Protocol `overhang`: does a capability that was kept weak come back faster than one never learned?
+
+Phase 1 trains one model per regime and seed:
+
+    mean_zipf      `mean` on the natural data: Zipfian task frequencies, the target the rarest task
+    grouped_zipf   `grouped` (Σ_g ℓ_g²) on the same data
+    uniform        `mean` on data rebalanced to uniform task frequencies
+    never_trained  `mean` on the natural data without the target (evaluated, never trained): the reference
+
+Phase 2 fine-tunes every phase-1 model on the same natural data for `phase2_steps`, evaluating
+every `phase2_eval_every` steps. For the target: the steps until its held-out accuracy reaches
+`threshold` and the area under its phase-2 accuracy curve (the mean over phase-2 evaluations), each
+compared pairwise (same seed) with `never_trained`. A regime that reaches the threshold sooner
+than never_trained shows an overhang: what phase 1 left latent comes back quickly.
+
+    OUT/config.json  summary.json  report.html
+    OUT/phase1/<regime>-seed<k>/   OUT/phase2/<regime>-seed<k>/     (run directories)
+
+Every run goes through `train_run`; finished runs are reused on `--resume`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import Field
+
+from capshape.config import RunConfig, Section
+from capshape.errors import CapshapeError
+from capshape.experiments.executor import Cell, run_cells
+from capshape.experiments.transfer_stats import t_interval
+from capshape.metrics import steps_to_fraction
+from capshape.runstore import RunDir, exclusive, read_json, write_json
+from capshape.train import check_config, train_run
+
+Regime = Literal["mean_zipf", "grouped_zipf", "uniform", "never_trained"]
+REFERENCE = "never_trained"
+
+
+class OverhangSection(Section):
+    target: str = Field("add", description="The capability whose return is measured.")
+    tasks: list[str] = Field(["copy", "reverse", "sort", "kv", "sub", "rev_add", "add"], min_length=2,
+                             description="Tasks of the natural data, most frequent first (Zipf order); must hold target.")
+    zipf_exponent: float = Field(1.5, gt=0, description="Natural data: p_i ∝ i^-s over `tasks` in this order.")
+    regimes: list[Regime] = Field(["mean_zipf", "grouped_zipf", "uniform", "never_trained"], min_length=2,
+                                  description="Phase-1 regimes; never_trained (the reference) must be one of them.")
+    phase1_steps: int = Field(1500, gt=0, description="Training steps of phase 1.")
+    phase2_steps: int = Field(600, gt=0, description="Fine-tuning steps of phase 2 on the natural data.")
+    phase2_eval_every: int = Field(25, gt=0, description="Phase-2 evaluation interval (resolution of steps-to-threshold).")
+    phase2_lr: float = Field(1e-3, gt=0, description="Peak learning rate of phase 2.")
+    threshold: float = Field(0.5, gt=0, le=1, description="Target accuracy that counts as 'returned'.")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="Seeds; comparisons with never_trained are paired by seed.")
+
+
+class OverhangConfig(RunConfig):
+    """[data]/[model]/[train] hold the settings shared by both phases; [overhang] the protocol."""
+
+    overhang: OverhangSection = OverhangSection()
+
+
+def check_overhang_config(config: OverhangConfig) -> None:
+    o = config.overhang
+    if o.target not in o.tasks:
+        raise CapshapeError(f"overhang.target '{o.target}' is not in overhang.tasks: add it there.")
+    if REFERENCE not in o.regimes:
+        raise CapshapeError(f"overhang.regimes must include '{REFERENCE}', the reference every regime is compared with.")
+    for regime in o.regimes:
+        check_config(phase1_config(config, regime))
+
+
+def _natural_data(config: OverhangConfig, tasks: list[str], eval_only: list[str], uniform: bool = False) -> dict:
+    o = config.overhang
+    return config.data.model_copy(update={
+        "suite": "text", "tasks": tasks, "eval_only": eval_only, "jsonl": [], "weights": {},
+        "mixture": "uniform" if uniform else "zipf", "zipf_exponent": o.zipf_exponent})
+
+
+def phase1_config(config: OverhangConfig, regime: str) -> RunConfig:
+    o = config.overhang
+    others = [t for t in o.tasks if t != o.target]
+    data = (_natural_data(config, others, [o.target]) if regime == REFERENCE
+            else _natural_data(config, o.tasks, [], uniform=regime == "uniform"))
+    objective = "grouped" if regime == "grouped_zipf" else "mean"
+    train = config.train.model_copy(update={"steps": o.phase1_steps, "init_from": None})
+    return RunConfig(name=f"overhang phase 1: {regime}", seeds=[0], objectives=[objective],
+                     objective={objective: config.objective.get(objective, {})}, workers=config.workers,
+                     data=data, model=config.model, train=train)
+
+
+def phase2_config(config: OverhangConfig, init_from: Path) -> RunConfig:
+    o = config.overhang
+    train = config.train.model_copy(update={
+        "steps": o.phase2_steps, "lr": o.phase2_lr, "eval_every": o.phase2_eval_every, "init_from": init_from,
+        "warmup_steps": min(config.train.warmup_steps, o.phase2_steps // 10), "checkpoint_every": o.phase2_steps})
+    return RunConfig(name="overhang phase 2: natural data", seeds=[0], objectives=["mean"], workers=config.workers,
+                     data=_natural_data(config, o.tasks, []), model=config.model, train=train)
+
+
+def phase1_cell(config: OverhangConfig, regime: str, seed: int, out: Path, on_progress=None) -> None:
+    run_config = phase1_config(config, regime)
+    train_run(run_config, run_config.objectives[0], seed, out, resume=True, on_progress=on_progress)
+
+
+def phase2_cell(config: OverhangConfig, seed: int, init_from: Path, out: Path, on_progress=None) -> None:
+    train_run(phase2_config(config, init_from), "mean", seed, out, resume=True, on_progress=on_progress)
+
+
+def run_name(regime: str, seed: int) -> str:
+    return f"{regime}-seed{seed}"
+
+
+def run_overhang(config: OverhangConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
+    check_overhang_config(config)
+    with exclusive(out):
+        out = Path(out)
+        if (out / "summary.json").exists() and not resume:
+            raise CapshapeError(f"{out} already holds an overhang experiment: pass --resume or choose another --out.")
+        write_json(out / "config.json", config.model_dump(mode="json"))
+        o = config.overhang
+        specs = [(regime, seed) for regime in o.regimes for seed in o.seeds]
+        failures = run_cells([Cell(f"phase 1 {run_name(r, s)}", phase1_cell, o.phase1_steps,
+                                   dict(config=config, regime=r, seed=s, out=out / "phase1" / run_name(r, s)))
+                              for r, s in specs], config.workers, show_progress)
+        ready = [(r, s) for r, s in specs if RunDir(out / "phase1" / run_name(r, s)).status()["status"] == "finished"]
+        failures |= run_cells([Cell(f"phase 2 {run_name(r, s)}", phase2_cell, o.phase2_steps,
+                                    dict(config=config, seed=s, init_from=out / "phase1" / run_name(r, s) / "model.safetensors",
+                                         out=out / "phase2" / run_name(r, s)))
+                               for r, s in ready], config.workers, show_progress)
+        summary = summarize(config, out)
+        summary["failed"] = failures
+        write_json(out / "summary.json", summary)
+        return summary
+
+
+def target_curve(run: Path, target: str) -> tuple[list[int], list[float]]:
+    rows = RunDir(run).read_metrics()
+    return [row["step"] for row in rows], [row["eval"][target]["accuracy"] for row in rows]
+
+
+def steps_to_threshold(steps: list[int], accuracy: list[float], threshold: float) -> Optional[int]:
+    """First evaluated step with accuracy >= threshold; None if never within phase 2."""
+    return next((step for step, value in zip(steps, accuracy) if value >= threshold), None)
+
+
+def summarize(config: OverhangConfig, out: Path) -> dict:
+    """Per regime and seed: target accuracy after phase 1, phase-2 steps to threshold and area under the
+    curve; per regime: their t-intervals over seeds and the paired differences from never_trained.
+    A run that never reaches the threshold counts as phase2_steps + phase2_eval_every (a lower bound)."""
+    o = config.overhang
+    censored = o.phase2_steps + o.phase2_eval_every
+    per_run: dict[str, dict[int, dict]] = {}
+    for regime in o.regimes:
+        for seed in o.seeds:
+            phase1, phase2 = (out / phase / run_name(regime, seed) for phase in ("phase1", "phase2"))
+            if RunDir(phase2).status()["status"] != "finished":
+                continue
+            steps, accuracy = target_curve(phase2, o.target)
+            reached = steps_to_threshold(steps, accuracy, o.threshold)
+            per_run.setdefault(regime, {})[seed] = {
+                "phase1_target_accuracy": read_json(phase1 / "summary.json")["tasks"][o.target]["final_eval"]["accuracy"],
+                "steps_to_threshold": reached,
+                "steps_to_threshold_or_bound": censored if reached is None else reached,
+                "auc": float(np.mean(accuracy)),
+                "phase2_final_accuracy": accuracy[-1],
+                "steps_to_half_of_final": steps_to_fraction(steps, accuracy, 0.5),
+            }
+    reference = per_run.get(REFERENCE, {})
+    regimes = {}
+    for regime, runs in per_run.items():
+        paired = [seed for seed in runs if seed in reference]
+        speedup = t_interval([reference[s]["steps_to_threshold_or_bound"] - runs[s]["steps_to_threshold_or_bound"] for s in paired])
+        auc_gain = t_interval([runs[s]["auc"] - reference[s]["auc"] for s in paired])
+        regimes[regime] = {
+            "seeds": runs,
+            **{key: t_interval([r[key] for r in runs.values()])
+               for key in ("phase1_target_accuracy", "steps_to_threshold_or_bound", "auc", "phase2_final_accuracy")},
+            "never_reached": sum(r["steps_to_threshold"] is None for r in runs.values()),
+            "steps_saved_vs_never_trained": speedup,
+            "auc_gain_vs_never_trained": auc_gain,
+            "overhang": regime != REFERENCE and auc_gain["low"] is not None and auc_gain["low"] > 0,
+        }
+    return {"kind": "overhang", "target": o.target, "threshold": o.threshold, "regimes": regimes,
+            "runs": [f"{phase}/{run_name(r, s)}" for phase in ("phase1", "phase2") for r in o.regimes for s in o.seeds]}

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from capshape.cli import app
+from capshape.config import build_config
+from capshape.errors import CapshapeError
+from capshape.experiments.overhang import OverhangConfig, check_overhang_config, phase1_config, steps_to_threshold
+
+TINY = """
+name = "tiny overhang"
+workers = 1
+[overhang]
+target = "add"
+tasks = ["copy", "reverse", "rev_add", "add"]
+regimes = ["mean_zipf", "never_trained"]
+phase1_steps = 6
+phase2_steps = 6
+phase2_eval_every = 2
+threshold = 0.01
+seeds = [0]
+[data]
+train_examples = 100
+eval_examples = 16
+[model]
+n_layer = 1
+n_head = 2
+d_model = 16
+d_mlp = 32
+max_len = 24
+[train]
+batch_size = 8
+warmup_steps = 1
+eval_every = 3
+threads = 1
+"""
+
+
+def test_regimes_train_on_what_they_say():
+    config = build_config({"overhang": {"tasks": ["copy", "sub", "add"]}}, schema=OverhangConfig)
+    never = phase1_config(config, "never_trained")
+    assert never.data.tasks == ["copy", "sub"] and never.data.eval_only == ["add"] and never.data.mixture == "zipf"
+    assert phase1_config(config, "uniform").data.mixture == "uniform"
+    assert phase1_config(config, "grouped_zipf").objectives == ["grouped"]
+    mean_zipf = phase1_config(config, "mean_zipf")
+    assert mean_zipf.objectives == ["mean"] and mean_zipf.data.tasks[-1] == "add"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"overhang": {"target": "mul"}}, "overhang.target 'mul' is not in overhang.tasks"),
+    ({"overhang": {"regimes": ["mean_zipf", "uniform"]}}, "must include 'never_trained'"),
+    ({"overhang": {"tasks": ["copy", "addd"], "target": "copy"}}, "Did you mean 'add'"),
+])
+def test_bad_overhang_configs(raw, message):
+    with pytest.raises(CapshapeError, match=message):
+        check_overhang_config(build_config(raw, schema=OverhangConfig))
+
+
+def test_steps_to_threshold():
+    assert steps_to_threshold([0, 10, 20], [0.0, 0.4, 0.9], 0.5) == 20
+    assert steps_to_threshold([0, 10], [0.0, 0.1], 0.5) is None
+
+
+def test_overhang_cli_end_to_end(tmp_path):
+    config = tmp_path / "overhang.toml"
+    config.write_text(TINY)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["overhang", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["regimes"]) == {"mean_zipf", "never_trained"}
+    reference = summary["regimes"]["never_trained"]
+    assert reference["steps_saved_vs_never_trained"]["mean"] == 0 and reference["overhang"] is False
+    phase2 = json.loads((out / "phase2" / "mean_zipf-seed0" / "config.json").read_text())
+    assert phase2["train"]["init_from"].endswith("phase1/mean_zipf-seed0/model.safetensors")
+    assert phase2["data"]["tasks"][-1] == "add" and phase2["data"]["mixture"] == "zipf"
+    html = (out / "report.html").read_text()
+    assert "Overhang table" in html and "Composition check" in html
+    again = CliRunner().invoke(app, ["overhang", str(config), "--out", str(out), "--resume"])
+    assert again.exit_code == 0, again.output

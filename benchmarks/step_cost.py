@@ -1,7 +1,7 @@
 """Time per training step of `grouped` and `group_dro` relative to `mean`, on the same batch and
 model, measured side by side (interleaved, median of repeats). Target: ratio <= 1.05.
 
-    python benchmarks/step_cost.py [--repeats 30] [--threads 1] [--device cpu]
+    python benchmarks/step_cost.py [--repeats 30] [--threads 1] [--device cpu|cuda] [--precision fp32|bf16]
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from capshape.cli import DEMO_CONFIG
 from capshape.models import build_model, per_example_losses
 from capshape.objectives import build_objective
 from capshape.train.loop import make_optimizer, prepare_data
+from capshape.train.parallel import autocast
 
 
 def main() -> None:
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast the forward pass.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_config(DEMO_CONFIG, ["data.train_examples=500", "data.eval_examples=16"])
@@ -37,7 +39,9 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         started = time.perf_counter()
-        loss, _ = objective.loss(per_example_losses(model(batch.inputs), batch.labels), batch.group_ids)
+        with autocast(args.device, args.precision):
+            losses = per_example_losses(model(batch.inputs), batch.labels)
+        loss, _ = objective.loss(losses, batch.group_ids)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -53,7 +57,7 @@ def main() -> None:
         for name, objective in objectives.items():
             times[name].append(step(objective))
     base = statistics.median(times["mean"])
-    print(f"device={args.device} threads={args.threads} batch={config.train.batch_size} "
+    print(f"device={args.device} precision={args.precision} threads={args.threads} batch={config.train.batch_size} "
           f"model=demo ({sum(p.numel() for p in model.parameters())} params), {args.repeats} interleaved repeats")
     print(f"{'objective':<10} {'median ms':>10} {'ratio vs mean':>14}")
     for name, samples in times.items():

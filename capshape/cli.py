@@ -37,12 +37,18 @@ def user_errors(command):
     return wrapper
 
 
-def _run_and_report(config_path: Path, overrides: list[str], out: Path, resume: bool) -> None:
+DEVICE_HELP = "auto (CUDA if available), cpu or cuda; bf16 autocast with --set train.precision=bf16."
+EXECUTOR_HELP = "local (a pool of `workers` processes) or ray (Ray tasks; a local Ray unless --ray-address)."
+
+
+def _run_and_report(config_path: Path, overrides: list[str], out: Path, resume: bool, device: str = "cpu",
+                    executor: str = "local", address: Optional[str] = None, retries: int = 1) -> None:
     from capshape.experiments import raise_failures, run_comparison
     from capshape.report import build_report
 
     config = load_config(config_path, overrides)
-    summary = run_comparison(config, out, resume=resume)
+    summary = run_comparison(config, out, resume=resume, device=device, executor=executor, address=address,
+                             retries=retries)
     report = build_report(out)
     raise_failures(summary)
     for objective, stats in summary["objectives"].items():
@@ -60,9 +66,13 @@ def run(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set train.steps=500."),
     out: Path = typer.Option(Path("runs/run"), "--out", help="Output directory."),
     resume: bool = typer.Option(False, help="Continue unfinished runs in --out from their checkpoints."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    executor: str = typer.Option("local", help=EXECUTOR_HELP),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. auto or ray://head:10001."),
+    retries: int = typer.Option(1, min=0, help="Times a failed run is retried (resuming its checkpoint) before it is reported."),
 ):
     """Train every objective x seed in CONFIG and write a comparison report."""
-    _run_and_report(config, set_ or [], out, resume)
+    _run_and_report(config, set_ or [], out, resume, device, executor, ray_address, retries)
 
 
 @app.command()
@@ -118,14 +128,97 @@ def overhang(
 
 @app.command()
 @user_errors
+def distill(
+    config: Path = typer.Argument(..., help="TOML config file with a distill section, e.g. configs/distill_digits.toml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set distill.rounds=1."),
+    out: Path = typer.Option(Path("runs/distill"), "--out", help="Output directory."),
+    resume: bool = typer.Option(False, help="Reuse finished runs in --out and compute only the rest."),
+):
+    """Self-distillation vs planted backdoors: plant, distil on clean data, measure ASR, DER and relearning."""
+    from capshape.experiments.distill import DistillConfig, run_distill
+    from capshape.report import build_report
+
+    summary = run_distill(load_config(config, set_ or [], schema=DistillConfig), out, resume=resume, log=console.print)
+    report = build_report(out)
+    value = lambda stat, fmt: "—" if stat["mean"] is None else format(stat["mean"], fmt)
+    for trigger, methods in summary["table"].items():
+        for method, stats in methods.items():
+            console.print(f"{trigger:>6} {method:>15}: clean acc {value(stats['clean_accuracy'], '.3f')}, "
+                          f"ASR {value(stats['asr'], '.3f')}, DER {value(stats['der'], '.3f')}, "
+                          f"relearn steps {value(stats['relearn_steps'], '.0f')}")
+    console.print(f"report: {report}\nsummary: {out / 'summary.json'}")
+
+
+@app.command()
+@user_errors
+def unlearn(
+    config: Path = typer.Argument(..., help="TOML config file with an unlearn section, e.g. configs/unlearn.toml."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set unlearn.era.neurons=32."),
+    out: Path = typer.Option(Path("runs/unlearn"), "--out", help="Output directory."),
+    resume: bool = typer.Option(False, help="Reuse finished stages in --out and compute only the rest."),
+):
+    """Expand-Route-Ablate vs plain, data filtering, gradient ascent and RMU, with relearning attacks."""
+    from capshape.experiments.unlearn import UnlearnConfig, run_unlearn
+    from capshape.report import build_report
+
+    summary = run_unlearn(load_config(config, set_ or [], schema=UnlearnConfig), out, resume=resume)
+    report = build_report(out)
+    for method, stats in summary["methods"].items():
+        final, tax = stats["stages"]["final"], stats["alignment_tax"]["vs_plain"]
+        console.print(f"{method:>16}: forget loss {final['forget']['loss']:.3f} acc {final['forget']['accuracy']:.3f}, "
+                      f"retain loss {final['retain']['loss']:.3f} acc {final['retain']['accuracy']:.3f}"
+                      + (f", retain loss vs plain {tax:+.3f}" if tax is not None and method != "plain" else ""))
+    console.print(f"report: {report}\nsummary: {out / 'summary.json'}")
+
+
+@app.command()
+@user_errors
 def demo(
     steps: Optional[int] = typer.Option(None, help="Training steps per run (default: the demo config's)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output directory."),
     resume: bool = typer.Option(False, help="Continue an interrupted demo."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    executor: str = typer.Option("local", help=EXECUTOR_HELP),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. auto or ray://head:10001."),
 ):
     """mean vs grouped vs group_dro on the built-in suite; writes report.html and summary.json."""
     overrides = [] if steps is None else [f"train.steps={steps}"]
-    _run_and_report(DEMO_CONFIG, overrides, out, resume)
+    _run_and_report(DEMO_CONFIG, overrides, out, resume, device, executor, ray_address)
+
+
+@app.command("train-ddp")
+@user_errors
+def train_ddp(
+    config: Path = typer.Argument(..., help="TOML config file."),
+    objective: str = typer.Option(..., help="The objective to train, e.g. grouped."),
+    seed: int = typer.Option(0, help="The run's seed."),
+    out: Path = typer.Option(..., "--out", help="The run directory (written by rank 0 only)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set train.steps=500."),
+    device: str = typer.Option("auto", help="auto, cpu (gloo) or cuda (NCCL, one GPU per rank)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
+):
+    """One run, data-parallel over the processes torchrun starts:
+    torchrun --nproc_per_node 2 -m capshape train-ddp CONFIG --objective grouped --out DIR.
+    train.batch_size is the global batch, split across ranks; the result equals a single-process run."""
+    import torch.distributed as dist
+
+    from capshape import collectives
+    from capshape.train import check_config, train_run
+    from capshape.train.loop import single_run_config
+    from capshape.train.parallel import init_distributed
+
+    run_config = single_run_config(load_config(config, set_ or []), objective, seed)
+    check_config(run_config)
+    device = init_distributed(device)
+    ranks = collectives.world_size()
+    try:
+        summary = train_run(run_config, objective, seed, out, resume=resume, device=device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if summary:  # rank 0's
+        console.print(f"{objective}: mean accuracy {summary['mean_accuracy']:.3f}, mean held-out loss "
+                      f"{summary['mean_eval_loss']:.3f} ({ranks} ranks)\nrun: {out}")
 
 
 @app.command()

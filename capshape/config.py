@@ -45,7 +45,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    kind: Literal["transformer", "mlp", "attention_only"] = Field("transformer", description="Model family; the suite says which fits its data.")
+    kind: Literal["transformer", "mlp", "attention_only", "hf_gpt2"] = Field("transformer", description="Model family; the suite says which fits its data. 'hf_gpt2': transformers' GPT2LMHeadModel sized by the fields below (needs the 'hf' extra).")
     n_layer: int = Field(2, gt=0, description="Transformer blocks.")
     n_head: int = Field(4, gt=0, description="Attention heads per block.")
     d_model: int = Field(128, gt=0, description="Residual stream width (divisible by n_head).")
@@ -53,6 +53,8 @@ class ModelConfig(Section):
     max_len: int = Field(24, gt=1, description="Longest token sequence (prompt + target + specials).")
     width: int = Field(256, gt=0, description="MLP hidden width (kind='mlp').")
     depth: int = Field(1, gt=0, description="MLP hidden layers (kind='mlp').")
+    hf_config: dict[str, Any] = Field({}, description="Further GPT2Config fields (kind='hf_gpt2'), e.g. {activation_function = 'gelu'}.")
+    hf_path: Optional[Path] = Field(None, description="A local directory saved by save_pretrained to load (kind='hf_gpt2'); never downloads.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -75,6 +77,7 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0, description="torch threads per run (0: cores / workers).")
     init_from: Optional[Path] = Field(None, description="A model.safetensors to start from instead of a fresh init.")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="On a NaN/inf loss or gradient: stop the run, or skip the step and count it.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training forward pass in fp32, or under bf16 autocast (for GPUs; weights and evaluation stay fp32).")
 
 
 class RunConfig(Section):

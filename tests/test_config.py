@@ -4,6 +4,7 @@ import pytest
 
 from capshape.config import RunConfig, build_config, load_config, parse_override
 from capshape.errors import CapshapeError
+from capshape.experiments.distill import DistillConfig, check_distill_config
 from capshape.experiments.transfer import TransferConfig, check_transfer_config
 from capshape.train import check_config
 
@@ -12,7 +13,9 @@ SHIPPED = sorted(Path(__file__).parents[1].glob("configs/*.toml")) + sorted(
 
 
 # Protocol configs extend RunConfig with their own section: file name -> (schema, semantic check).
-PROTOCOL_CONFIGS = {"transfer.toml": (TransferConfig, check_transfer_config)}
+PROTOCOL_CONFIGS = {"transfer.toml": (TransferConfig, check_transfer_config),
+                    "distill_digits.toml": (DistillConfig, check_distill_config),
+                    "distill_sequence.toml": (DistillConfig, check_distill_config)}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

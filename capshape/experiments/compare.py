@@ -2,19 +2,22 @@
 aggregate their summaries (mean and spread over seeds, alignment tax against `mean`).
 
 Layout: `OUT/config.json`, `OUT/<objective>-seed<k>/` (one run directory each), `OUT/summary.json`.
-Runs train in `workers` parallel processes (see executor.py), each with a live progress bar.
+Runs train on an executor (executor.py: `workers` local processes, or Ray tasks), each with a live
+progress bar; a failed run is retried `retries` times, resuming from its last checkpoint.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
-from capshape.experiments.executor import Cell, run_cells
+from capshape.experiments.executor import EXECUTORS, Cell, run_cells
 from capshape.runstore import RunDir, exclusive, read_json, write_json
 from capshape.train import check_config, train_run
+from capshape.train.parallel import resolve_device
 
 EMERGENCE_KEYS = ("step_10", "step_50", "step_90", "transition_width", "max_slope_per_pct", "jump",
                   "breakthroughness", "logistic_width")
@@ -24,21 +27,41 @@ def run_name(objective: str, seed: int) -> str:
     return f"{objective}-seed{seed}"
 
 
-def run_comparison(config: RunConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
+def run_comparison(config: RunConfig, out: Path, resume: bool = False, show_progress: bool = True,
+                   device: str = "cpu", executor: str = "local", address: Optional[str] = None,
+                   retries: int = 1) -> dict:
+    """Every objective x seed of `config` on `device` ("auto", "cpu", "cuda"), run by `executor`.
+
+    `auto` is resolved here: CUDA if this machine sees a GPU. A run on `cuda` reserves one GPU of
+    the Ray cluster (which this machine need not have; the local executor checks for one). Each Ray
+    task reserves `train.threads` CPUs and runs with train.threads = 1 unless the config sets it."""
     check_config(config)
+    if executor not in EXECUTORS:
+        raise CapshapeError(f"Unknown executor '{executor}': use one of {', '.join(EXECUTORS)}.")
+    if address is not None and executor != "ray":
+        raise CapshapeError("--ray-address joins a Ray cluster: add --executor ray.")
+    if executor == "local" or device == "auto":
+        device = resolve_device(device)
+    if executor == "ray" and not config.train.threads:
+        config = config.model_copy(update={"train": config.train.model_copy(update={"threads": 1})})
     with exclusive(out):
-        return _compare_locked(config, Path(out), resume, show_progress)
+        return _compare_locked(config, Path(out), resume, show_progress, device, executor, address, retries)
 
 
-def _compare_locked(config: RunConfig, out: Path, resume: bool, show_progress: bool) -> dict:
+def _compare_locked(config: RunConfig, out: Path, resume: bool, show_progress: bool, device: str, executor: str,
+                    address: Optional[str], retries: int) -> dict:
     if (out / "summary.json").exists() and not resume:
         raise CapshapeError(f"{out} already holds a finished comparison: pass --resume or choose another --out.")
-    write_json(out / "config.json", config.model_dump(mode="json"))
     specs = [(objective, seed) for objective in config.objectives for seed in config.seeds]
+    held = [run_name(o, s) for o, s in specs if RunDir(out / run_name(o, s)).status()["status"] != "missing"]
+    if held and not resume:  # checked here, so that a retry (which resumes) only continues its own attempt
+        raise CapshapeError(f"{out / held[0]} already holds a run: pass --resume or choose another --out.")
+    write_json(out / "config.json", config.model_dump(mode="json"))
     cells = [Cell(run_name(o, s), train_run, config.train.steps,
-                  dict(config=config, objective_name=o, seed=s, out=out / run_name(o, s), resume=resume))
+                  dict(config=config, objective_name=o, seed=s, out=out / run_name(o, s), resume=resume, device=device),
+                  retry_kwargs={"resume": True}, cpus=config.train.threads or 1, gpus=float(device.startswith("cuda")))
              for o, s in specs]
-    failures = run_cells(cells, config.workers, show_progress)
+    failures = run_cells(cells, config.workers, show_progress, executor=executor, address=address, retries=retries)
     summary = aggregate(out, specs)
     summary["failed"] = failures
     write_json(out / "summary.json", summary)

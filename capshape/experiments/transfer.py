@@ -9,6 +9,8 @@ TAG / gradient-cosine proxy from one multi-task run: transfer_proxy.py.
 
 The base is `transfer.base` (a run directory or a model.safetensors), else a model pre-trained here on
 `transfer.pretrain_tasks`, else (no pretrain tasks) a fresh init. Every stage is one `train_run`.
+A pool of n examples is n draws (`data.train_examples = n`): tasks with small input spaces repeat some
+(mul, div, invented: about 165-180 distinct prompts in 200), never a held-out prompt.
 
     OUT/config.json  summary.json  report.html
     OUT/base/                        the pre-trained base (computed once)
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
@@ -36,8 +38,9 @@ from capshape.experiments.executor import Cell, run_cells
 from capshape.experiments.transfer_proxy import AffinityProbe
 from capshape.experiments.transfer_stats import METRICS, from_json, metric_stats, rank_agreement, ranked_pairs
 from capshape.runstore import RunDir, read_json, write_json
-from capshape.tasks import TASKS
-from capshape.train import StepHooks, check_config, train_run
+from capshape.models import build_model
+from capshape.tasks import TASKS, TOKENIZER, InputSpec
+from capshape.train import StepHooks, check_config, load_model, train_run
 
 BASELINE = "none"  # the source-task label of B-only cells in directory names
 
@@ -67,19 +70,6 @@ class TransferSection(Section):
     proxy_lr: float = Field(1e-3, gt=0, description="Learning rate η of the SGD lookahead step of the TAG affinity "
                             "(TAG uses the training learning rate; much larger steps overshoot and every Z turns negative).")
 
-    @model_validator(mode="after")
-    def _distinct(self) -> "TransferSection":
-        for name in ("tasks", "pretrain_tasks", "seeds"):
-            values = getattr(self, name)
-            repeated = next((v for v in values if values.count(v) > 1), None)
-            if repeated is not None:
-                raise ValueError(f"transfer.{name} lists {repeated!r} twice")
-        overlap = [t for t in self.pretrain_tasks if t in self.tasks]
-        if self.base is None and overlap:
-            raise ValueError(f"transfer.pretrain_tasks and transfer.tasks share '{overlap[0]}': the base would "
-                             f"already be trained on it")
-        return self
-
 
 class TransferConfig(RunConfig):
     """A run config whose [data]/[model]/[train] sections describe the base's pre-training and the settings
@@ -95,6 +85,12 @@ REPLACEMENT = {"seeds": "transfer.seeds", "data.tasks": "transfer.tasks / transf
                "train.steps": "transfer.pretrain_steps / steps_a / steps_b", "train.init_from": "transfer.base"}
 
 
+def stored_config(config: TransferConfig) -> dict:
+    """The config as OUT/config.json holds it: without the fields each stage sets for itself."""
+    exclude = {**dict.fromkeys(RESERVED[""], True), **{section: set(names) for section, names in RESERVED.items() if section}}
+    return config.model_dump(mode="json", exclude=exclude)
+
+
 def check_transfer_config(config: TransferConfig) -> None:
     """Names, reserved fields and the base model, checked before anything is written."""
     for section, names in RESERVED.items():
@@ -104,13 +100,21 @@ def check_transfer_config(config: TransferConfig) -> None:
                 field = f"{section}.{name}".strip(".")
                 instead = f": set {REPLACEMENT[field]} instead" if field in REPLACEMENT else ""
                 raise CapshapeError(f"config field '{field}' is set by the transfer protocol for each stage{instead}.")
-    for field in ("tasks", "pretrain_tasks"):
-        for name in getattr(config.transfer, field):
+    t = config.transfer
+    for field in ("tasks", "pretrain_tasks", "seeds"):
+        values = getattr(t, field)
+        repeated = next((v for v in values if values.count(v) > 1), None)
+        if repeated is not None:
+            raise CapshapeError(f"transfer.{field} lists {repeated!r} twice: list each once.")
+        for name in values if field != "seeds" else ():
             try:
                 TASKS.get(name)
             except CapshapeError as error:
                 raise CapshapeError(f"transfer.{field}: {error}") from None
-    t = config.transfer
+    shared = [name for name in t.pretrain_tasks if name in t.tasks]
+    if t.base is None and shared:
+        raise CapshapeError(f"transfer.pretrain_tasks and transfer.tasks share '{shared[0]}': the base would already "
+                            f"be trained on it; pre-train on other tasks.")
     check_config(finetune_config(config, t.tasks, t.n_a, t.steps_a, t.batch_a, None))
     if t.base is not None:
         check_base(config, Path(t.base))
@@ -130,10 +134,6 @@ def check_base(config: TransferConfig, base: Path) -> None:
     path = base_model_path(base)
     if not path.is_file():
         raise CapshapeError(f"transfer.base: {str(path)!r} does not exist: point it at a run directory or a model.safetensors.")
-    from capshape.models import build_model
-    from capshape.tasks import TOKENIZER, InputSpec
-    from capshape.train import load_model
-
     load_model(path, build_model(config.model, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size)))
 
 
@@ -142,11 +142,15 @@ def base_model_path(base: Path) -> Path:
 
 
 def stage_config(config: TransferConfig, tasks: list[str], eval_only: list[str], n_train: int, steps: int,
-                 batch_size: int, lr: float, warmup_steps: int, init_from: Optional[Path]) -> RunConfig:
-    """The plain run config of one stage: `mean` objective, evaluated at its first and last step only."""
+                 batch_size: int, lr: float, warmup_steps: int, init_from: Optional[Path],
+                 own_mixture: bool = False) -> RunConfig:
+    """The plain run config of one stage: `mean` objective, evaluated at its first and last step only;
+    a uniform, stratified mixture unless `own_mixture` (then [data]'s)."""
     raw = config.model_dump(mode="json", exclude={"transfer"})
     raw.update(objectives=["mean"], objective={}, seeds=[0])
     raw["data"].update(tasks=tasks, eval_only=eval_only, jsonl=[], train_examples=n_train)
+    if not own_mixture:
+        raw["data"].update(mixture="uniform", weights={}, stratify=True)
     raw["train"].update(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=steps,
                         checkpoint_every=steps, init_from=None if init_from is None else str(init_from))
     return RunConfig.model_validate(raw)
@@ -156,7 +160,8 @@ def pretrain_config(config: TransferConfig) -> RunConfig:
     """The base's pre-training on pretrain_tasks, evaluated on the grid's tasks too (what the base knows)."""
     train = config.train
     return stage_config(config, config.transfer.pretrain_tasks, config.transfer.tasks, config.data.train_examples,
-                        config.transfer.pretrain_steps, train.batch_size, train.lr, train.warmup_steps, None)
+                        config.transfer.pretrain_steps, train.batch_size, train.lr, train.warmup_steps, None,
+                        own_mixture=True)
 
 
 def finetune_config(config: TransferConfig, tasks: list[str], n_train: int, steps: int, batch_size: int,
@@ -234,8 +239,6 @@ def proxy_cell(config: TransferConfig, out: Path, on_progress=None) -> None:
     t, directory = config.transfer, Path(out) / "proxy"
     run_config = finetune_config(config, t.tasks, t.n_a, t.proxy_steps, t.batch_a * len(t.tasks),
                                  base_path(config, out))
-    run_config = run_config.model_copy(update={"data": run_config.data.model_copy(update={"mixture": "uniform",
-                                                                                          "stratify": True})})
     probe = AffinityProbe(len(t.tasks), t.proxy_every, t.proxy_lr)
     if directory.exists():  # an interrupted probe's sums are lost with its process: measure again
         shutil.rmtree(directory)
@@ -267,7 +270,7 @@ def _check_out(config: TransferConfig, out: Path, resume: bool) -> None:
         return
     if not resume:
         raise CapshapeError(f"{out} already holds a transfer grid: pass --resume or choose another --out.")
-    old, new = _flatten(read_json(stored)), _flatten(config.model_dump(mode="json"))
+    old, new = _flatten(read_json(stored)), _flatten(stored_config(config))
     for field in new:
         if field not in ("workers", "train.threads") and old.get(field) != new[field]:
             raise CapshapeError(f"{out} holds a transfer grid with {field}={old.get(field)!r} but this config has "
@@ -279,7 +282,7 @@ def run_transfer(config: TransferConfig, out: Path, resume: bool = False, show_p
     out, t = Path(out), config.transfer
     _check_out(config, out, resume)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config.model_dump(mode="json"))
+    write_json(out / "config.json", stored_config(config))
     failures: dict[str, str] = {}
     wall: dict[str, float] = {}
 
@@ -301,8 +304,8 @@ def run_transfer(config: TransferConfig, out: Path, resume: bool = False, show_p
         first.append(Cell("proxy", proxy_cell, t.proxy_steps, dict(config=config, out=out)))
     cells = {spec: Cell(f"{spec[0] or BASELINE}->{spec[1]} seed{spec[2]}", transfer_cell, t.steps_b,
                         dict(config=config, a=spec[0], b=spec[1], seed=spec[2], out=out)) for spec in todo}
-    wave("stage_a", first + [cell for spec, cell in cells.items() if spec[0] is None])
-    wave("stage_b", [cell for spec, cell in cells.items() if spec[0] is not None])
+    wave("stage_a_baselines_proxy", first + [cell for spec, cell in cells.items() if spec[0] is None])
+    wave("a_then_b", [cell for spec, cell in cells.items() if spec[0] is not None])
     summary = summarize(config, out, failures, wall)
     write_json(out / "summary.json", summary)
     return summary

@@ -8,6 +8,8 @@ per-example gradient computations"; the basis of ghost clipping, Li et al. 2022,
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -15,9 +17,27 @@ from capshape.errors import CapshapeError
 from capshape.models import per_example_losses
 
 
-def linear_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, nn.Linear]:
-    """The named nn.Linear modules: `names` in that order, or by default every one with a trainable weight."""
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+def _linear_types() -> tuple[type, ...]:
+    """nn.Linear, and transformers' Conv1D (GPT-2's y = x W + b with W [d_in, d_out]) once transformers
+    is loaded (a model cannot hold one before). Its per-example gradient Σ_t a_t ⊗ g_t is the
+    transpose of nn.Linear's Σ_t g_t ⊗ a_t, so the same (a, g) factors give the same inner products,
+    Gram matrices and sketches: only the layout of the weight differs (see `layer_dims`)."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def layer_dims(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an nn.Linear or a Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]  # Conv1D: weight [d_in, d_out]
+
+
+def linear_layers(model: nn.Module, names: list[str] | None = None) -> dict[str, nn.Module]:
+    """The named linear modules (nn.Linear, or transformers' Conv1D): `names` in that order, or by
+    default every one with a trainable weight."""
+    types = _linear_types()
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, types)}
     if names is None:
         return {name: m for name, m in linears.items() if m.weight.requires_grad}
     unknown = [name for name in names if name not in linears]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from capshape.errors import CapshapeError
-from capshape.grads.capture import capture_linear_io, linear_layers
+from capshape.grads.capture import capture_linear_io, layer_dims, linear_layers
 
 
 @dataclass
@@ -54,9 +54,10 @@ class GradientSketcher:
             width = k // len(modules) + (index < k % len(modules))
             k_out = math.isqrt(width - 1) + 1  # ⌈√width⌉
             k_in = -(-width // k_out)  # ⌈width / k_out⌉
-            d_in = module.in_features + (module.bias is not None)
+            d_in, d_out = layer_dims(module)
+            d_in += module.bias is not None
             std = width ** -0.25  # variance 1/√k_l per factor, 1/k_l per product coordinate
-            r_out = torch.randn(k_out, module.out_features, generator=generator, dtype=torch.float64) * std
+            r_out = torch.randn(k_out, d_out, generator=generator, dtype=torch.float64) * std
             r_in = torch.randn(k_in, d_in, generator=generator, dtype=torch.float64) * std
             self.projections.append(KroneckerProjection(r_out.to(module.weight), r_in.to(module.weight), width))
 

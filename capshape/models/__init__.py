@@ -1,5 +1,5 @@
-"""Small models with named activation sites: a decoder-only transformer, an MLP and an attention-only
-transformer over vector sequences."""
+"""Small models with named activation sites: a decoder-only transformer, an MLP, an attention-only
+transformer over vector sequences, and Hugging Face's GPT-2 with the transformer's sites (hf.py)."""
 from capshape.config import ModelConfig
 from capshape.errors import CapshapeError
 from capshape.models.attention_only import AttentionOnly
@@ -18,6 +18,10 @@ def build_model(config: ModelConfig, spec: InputSpec) -> SiteModel:
         return MLPClassifier(spec.d_in, config.width, config.depth, spec.n_classes)
     if config.kind == "attention_only" and spec.kind == "vector_sequences":
         return AttentionOnly(config, spec.d_in, spec.n_classes)
+    if config.kind == "hf_gpt2" and spec.kind == "tokens":
+        from capshape.models.hf import HFCausalLM  # imports transformers, an optional dependency
+
+        return HFCausalLM(config, spec.vocab_size)
     fits = {"tokens": "transformer", "vectors": "mlp", "vector_sequences": "attention_only"}[spec.kind]
     raise CapshapeError(f"model.kind='{config.kind}' does not fit this suite's {spec.kind} inputs: use model.kind='{fits}'.")
 

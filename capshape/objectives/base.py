@@ -14,6 +14,7 @@ from typing import ContextManager
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from capshape.collectives import global_sum
 from capshape.errors import CapshapeError
 from capshape.registry import Registry
 
@@ -30,10 +31,15 @@ class Weighting:
 
 
 def group_means(per_example_losses: torch.Tensor, group_ids: torch.Tensor, num_groups: int):
-    """Mean loss ℓ_g and count n_g of every group in the batch; absent groups have n_g = 0, ℓ_g = 0."""
+    """Mean loss ℓ_g and count n_g of every group in the batch; absent groups have n_g = 0, ℓ_g = 0.
+
+    Under data parallelism (capshape/train/parallel.py) "the batch" is the global batch: the sums and
+    counts are summed over ranks (global_sum, the identity in one process), so every rank gets the
+    same ℓ_g and n_g. Objectives that need other batch statistics reduce them with global_sum too."""
     counts = torch.bincount(group_ids, minlength=num_groups).to(per_example_losses.dtype)
     sums = torch.zeros(num_groups, dtype=per_example_losses.dtype, device=per_example_losses.device)
     sums = sums.index_add(0, group_ids, per_example_losses)
+    sums, counts = global_sum(torch.stack([sums, counts]))
     return sums / counts.clamp(min=1), counts
 
 

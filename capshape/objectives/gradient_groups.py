@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from capshape.collectives import gather_rows, shard
 from capshape.grads import GradientSketcher, capture_linear_io, linear_layer_names
 from capshape.grads.output_layer import OutputLayerRecorder
 from capshape.objectives.base import Objective, Params
@@ -63,14 +64,20 @@ class GradientGroupedObjective(Objective):
         if step % self.params.regroup_every:
             return None
         self._setup(model)
-        examples = sampler.draw(self.params.n_examples, stream=step)
+        examples = sampler.draw(self.params.n_examples, stream=step)  # the same draw on every DDP rank
         names = linear_layer_names(model)
-        captured = capture_linear_io(model, examples.inputs, examples.labels, names)
+        device = next(model.parameters()).device
+        # Under data parallelism each rank sketches its share (rows rank::world) of the draw and the
+        # sketches are all-gathered in draw order, so every rank fits the same groups from the same
+        # [N, k] tensors (the fits are seeded); in one process shard and gather_rows do nothing.
+        inputs, labels = shard(examples.inputs).to(device), shard(examples.labels).to(device)
+        captured = capture_linear_io(model, inputs, labels, names)
         sketches = GradientSketcher(model, self.params.sketch_dim, seed=sampler.seed + step).project(captured)
         if self.params.features == "sketch":
             features = self.feature_sketcher.project(captured)
         else:
             features = self.feature_sketcher.project([captured[names.index(self.recorder.name)]])
+        sketches, features = (gather_rows(t, len(examples)).cpu() for t in (sketches, features))
         return self.fit(sketches, features, examples.task_ids.numpy(), seed=sampler.seed + step)
 
     def fit(self, sketches: torch.Tensor, features: torch.Tensor, task_ids: np.ndarray, seed: int) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from capshape.collectives import global_sum
 from capshape.grads.clustering import agreement, normalise_rows
 from capshape.objectives.base import OBJECTIVES, Weighting
 from capshape.objectives.gradient_groups import GradientGroupedObjective, GradientGroupParams
@@ -60,7 +61,7 @@ class SVDGrouped(GradientGroupedObjective):
 
     def components(self, features: torch.Tensor) -> torch.Tensor:
         """c [N, r]: cosine of each example's gradient with each kept singular direction."""
-        return normalise_rows(features.float()) @ self.directions.T
+        return normalise_rows(features.float()) @ self.directions.T.to(features.device)
 
     def group_ids(self, model, batch) -> torch.Tensor:
         """Stores the batch's components for `weigh`; returns each example's dominant direction."""
@@ -69,8 +70,8 @@ class SVDGrouped(GradientGroupedObjective):
 
     def weigh(self, per_example_losses: torch.Tensor, group_ids: torch.Tensor) -> Weighting:
         a = self.batch_components.to(per_example_losses) ** self.params.power  # [B, r]
-        norm = a.abs().sum(0).clamp(min=1e-12)  # [r]
-        m = (a * per_example_losses[:, None]).sum(0) / norm
+        norm = global_sum(a.abs().sum(0)).clamp(min=1e-12)  # [r], over the global batch
+        m = global_sum((a * per_example_losses[:, None]).sum(0)) / norm
         scales = self.scales.to(per_example_losses)
         weights = (2 * scales * m / norm * a).sum(1)
         return Weighting(weights, (scales * m ** 2).sum(), {"rank": float(len(scales))})

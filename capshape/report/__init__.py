@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capshape.errors import CapshapeError
+from capshape.report.distill import distill_report
 from capshape.report.html import render_page
 from capshape.report.plots import render_plots
 from capshape.report.overhang import overhang_report
 from capshape.report.transfer import transfer_report
+from capshape.report.unlearn import unlearn_report
 from capshape.runstore import RunDir, read_json, write_atomic
 
 __all__ = ["build_report", "load_experiment", "Experiment", "Run"]
@@ -146,7 +148,7 @@ def load_experiment(path: Path) -> Experiment:
 
 
 # Protocol outputs name their kind in summary.json; each has its own report, from its files alone.
-PROTOCOL_REPORTS = {"transfer": transfer_report, "overhang": overhang_report}
+PROTOCOL_REPORTS = {"transfer": transfer_report, "overhang": overhang_report, "distill": distill_report, "unlearn": unlearn_report}
 
 
 def build_report(path: Path) -> Path:

@@ -11,6 +11,7 @@ writing another loop.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import time
@@ -21,6 +22,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
+from capshape import collectives
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
 from capshape.models import build_model, per_example_losses
@@ -30,6 +32,7 @@ from capshape.tasks import Batch, MixtureSampler, SuiteData, build_suite, mixtur
 from capshape.tasks.suites import SUITES, parse_suite_params
 from capshape.train.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from capshape.train.evaluate import evaluate
+from capshape.train.parallel import autocast, data_parallel, resolve_device, shard_batch
 from capshape.train.summary import summarize_run
 
 ProgressFn = Callable[[int, float], None]
@@ -89,6 +92,12 @@ def check_config(config: RunConfig) -> None:
         build_objective(name, config.objective.get(name, {}), num_groups=1)
     if config.train.init_from is not None and not Path(config.train.init_from).is_file():
         raise CapshapeError(f"train.init_from: {str(config.train.init_from)!r} does not exist: point it at a model.safetensors.")
+    if config.model.kind == "hf_gpt2":
+        if importlib.util.find_spec("transformers") is None:
+            raise CapshapeError("model.kind='hf_gpt2' needs transformers: pip install 'capshape[hf]'.")
+        if config.model.hf_path is not None and not Path(config.model.hf_path).is_dir():
+            raise CapshapeError(f"model.hf_path: {str(config.model.hf_path)!r} is not a directory: point it at a "
+                                f"local save_pretrained directory (nothing is downloaded).")
 
 
 def learning_rate(step: int, config: RunConfig) -> float:
@@ -119,7 +128,13 @@ def train_run(config: RunConfig, objective_name: str, seed: int, out: Path, resu
     """Train one model under one objective and seed into run directory `out`; returns its summary.
 
     `model` replaces the freshly built one (protocols that expand or edit a model pass it here).
+    `device`: "cpu", "cuda", "cuda:1" or "auto". Inside a torch.distributed process group (torchrun,
+    see capshape/train/parallel.py) every rank calls this with the same arguments; rank 0 alone
+    writes `out` and returns the summary, the other ranks return {}.
     """
+    device = resolve_device(device)
+    if not collectives.is_main():
+        return _train_locked(config, objective_name, seed, RunDir(out), resume, on_progress, device, hooks, model)
     with exclusive(out):
         return _train_locked(config, objective_name, seed, RunDir(out), resume, on_progress, device, hooks, model)
 
@@ -127,27 +142,31 @@ def train_run(config: RunConfig, objective_name: str, seed: int, out: Path, resu
 def _train_locked(config: RunConfig, objective_name: str, seed: int, run: RunDir, resume: bool,
                   on_progress: Optional[ProgressFn], device: str, hooks: Optional[StepHooks],
                   model: Optional[torch.nn.Module]) -> dict:
-    previous = run.status()["status"]
+    main = collectives.is_main()
+    previous = collectives.broadcast_object(run.status()["status"] if main else None)  # rank 0 decides for all
     if previous != "missing" and not resume:
         raise CapshapeError(f"{run.path} already holds a run ({previous}): pass --resume or choose another --out.")
     if previous == "finished":
-        return read_json(run.path / "summary.json")
+        return read_json(run.path / "summary.json") if main else {}
     config = single_run_config(config, objective_name, seed)
-    write_json(run.path / "config.json", config.model_dump(mode="json"))
-    run.set_status("running", objective=objective_name, seed=seed)
+    if main:
+        write_json(run.path / "config.json", config.model_dump(mode="json"))
+        run.set_status("running", objective=objective_name, seed=seed)
     try:
         summary = _setup_and_train(config, objective_name, seed, run, resume, on_progress, device, hooks, model)
     except BaseException as error:
-        run.set_status("failed", objective=objective_name, seed=seed, error=str(error) or type(error).__name__)
+        if main:
+            run.set_status("failed", objective=objective_name, seed=seed, error=str(error) or type(error).__name__)
         raise
-    run.set_status("finished", objective=objective_name, seed=seed, step=config.train.steps)
+    if main:
+        run.set_status("finished", objective=objective_name, seed=seed, step=config.train.steps)
     return summary
 
 
 def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: RunDir, resume: bool,
                      on_progress: Optional[ProgressFn], device: str, hooks: Optional[StepHooks],
                      model: Optional[torch.nn.Module]) -> dict:
-    torch.set_num_threads(config.train.threads or max(1, (os.cpu_count() or 1) // config.workers))
+    torch.set_num_threads(config.train.threads or max(1, (os.cpu_count() or 1) // (config.workers * collectives.world_size())))
     torch.manual_seed(seed)
     prepared = prepare_data(config, seed)
     if model is None:
@@ -159,12 +178,16 @@ def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: Run
     optimizer = make_optimizer(model, config)
     sampler = prepared.sampler(config, seed)
     start = 0
+    main = collectives.is_main()
     if resume and run.checkpoint_path.exists():
-        start = load_checkpoint(run.checkpoint_path, model, optimizer, objective, sampler)
-        run.keep_metrics_until(start)
-    else:
+        start = load_checkpoint(run.checkpoint_path, model, optimizer, objective, sampler)  # every rank reads it
+        if main:
+            run.keep_metrics_until(start)
+    elif main:
         run.metrics_path.unlink(missing_ok=True)
     _loop(config, run, model, objective, optimizer, sampler, prepared, start, on_progress, device, hooks or StepHooks())
+    if not main:
+        return {}
     data, rows = prepared.data, run.read_metrics()
     summary = summarize_run(
         rows,
@@ -189,20 +212,25 @@ class StepResult:
 
 
 def training_step(step: int, config: RunConfig, model, objective: Objective, optimizer, sampler: MixtureSampler,
-                  hooks: StepHooks, device: str) -> StepResult:
-    """One optimizer step: observe, sample, forward, weigh, one backward, clip, step."""
+                  hooks: StepHooks, device: str, net: Optional[torch.nn.Module] = None) -> StepResult:
+    """One optimizer step: observe, sample, forward, weigh, one backward, clip, step.
+
+    `net` runs the forward pass: the DDP wrapper of `model` under data parallelism (then the batch is
+    this rank's share of the global batch), else `model` itself."""
     record = objective.observe(step, model, sampler)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, config)
-    batch = sampler.sample().to(device)
-    with hooks.around_forward(model, batch), objective.forward_context(model, batch):
-        losses = hooks.losses(model, batch)
+    batch = shard_batch(sampler.sample()).to(device)
+    with autocast(device, config.train.precision), hooks.around_forward(model, batch), objective.forward_context(model, batch):
+        losses = hooks.losses(net or model, batch)  # [B] in fp32 (per_example_losses upcasts the logits)
     loss, weighting = objective.loss(losses, objective.group_ids(model, batch))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    # The weights are those of the global batch; DDP averages gradients over ranks, so each rank
+    # backprops world_size x its share to leave the global objective's gradient (parallel.py).
+    (loss * collectives.world_size()).backward()
     hooks.after_backward(model, batch)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip or float("inf"))
-    finite = bool(torch.isfinite(grad_norm) and torch.isfinite(loss))
+    finite = bool(torch.isfinite(grad_norm) and torch.isfinite(collectives.global_sum(loss.detach())))
     if finite:
         optimizer.step()
     return StepResult(losses.detach(), weighting, grad_norm, finite, record)
@@ -214,8 +242,10 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
     totals = dict.fromkeys(("loss", "objective", "grad_norm", "count", "skipped"), 0.0)
     started = time.perf_counter()
     model.train()
+    net = data_parallel(model, device)
+    main = collectives.is_main()  # under data parallelism only rank 0 evaluates and writes
     for step in range(start, steps + 1):
-        if step > start or start == 0:  # a resumed run's row and checkpoint at `start` are already stored
+        if main and (step > start or start == 0):  # a resumed run's row and checkpoint at `start` are already stored
             if step % train.eval_every == 0 or step == steps:
                 results = evaluate(model, prepared.data, device)
                 if not all(math.isfinite(v) for task in results.values() for v in task.values()):
@@ -231,8 +261,8 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
                 save_checkpoint(run.checkpoint_path, step, model, optimizer, objective, sampler)
         if step == steps:
             break
-        result = training_step(step, config, model, objective, optimizer, sampler, hooks, device)
-        if result.record is not None:
+        result = training_step(step, config, model, objective, optimizer, sampler, hooks, device, net)
+        if main and result.record is not None:
             run.append_record("objective_records.jsonl", {"step": step, **result.record})
         if not result.finite:
             if train.on_nonfinite == "stop":
@@ -241,11 +271,12 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
                     f"train.grad_clip, or set train.on_nonfinite='skip'; the last good checkpoint is kept.")
             totals["skipped"] += 1
             continue
-        mean_loss = float(result.losses.mean())
+        mean_loss = float(collectives.global_mean(result.losses))
         totals["loss"] += mean_loss
         totals["objective"] += float(result.weighting.value)
         totals["grad_norm"] += float(result.grad_norm)
         totals["count"] += 1
         if on_progress:
             on_progress(step + 1, mean_loss)
-    save_model(run.path / "model.safetensors", model)
+    if main:
+        save_model(run.path / "model.safetensors", model)

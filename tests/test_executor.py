@@ -1,0 +1,92 @@
+"""Executors of experiment grids: the local process pool and Ray tasks, with retries and failure reports."""
+from pathlib import Path
+
+import pytest
+
+from capshape.errors import CapshapeError
+from capshape.experiments import run_comparison
+from capshape.experiments.executor import Cell, run_cells
+from capshape.runstore import RunDir, read_json
+from capshape.train import train_run
+
+
+def flaky(marker: str, on_progress=None) -> str:
+    """Fails on its first call (leaving `marker`), succeeds on the next: a transient error."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text("failed once")
+        raise RuntimeError("transient failure")
+    on_progress(1, 0.5)
+    return "ok"
+
+
+def broken(log: str, on_progress=None) -> None:
+    """Fails on every call, counting its attempts in `log`."""
+    with open(log, "a") as handle:
+        handle.write("attempt\n")
+    raise ValueError("always broken")
+
+
+def _cells(tmp_path, retry_kwargs=None):
+    return [Cell("flaky", flaky, 1, {"marker": str(tmp_path / "marker")}),
+            Cell("broken", broken, 1, {"log": str(tmp_path / "log")}, retry_kwargs=retry_kwargs or {})]
+
+
+def test_local_executor_retries_a_failed_cell_and_reports_one_that_always_fails(tmp_path):
+    failures = run_cells(_cells(tmp_path), workers=1, show_progress=False, retries=1)
+    assert failures == {"broken": "always broken"}  # flaky succeeded on its retry
+    assert (tmp_path / "log").read_text().count("attempt") == 2  # 1 + retries attempts
+
+
+def test_a_retried_run_resumes_its_failed_attempt_and_rerunning_without_resume_is_refused(tmp_path, tiny_config):
+    out = tmp_path / "cmp"
+    RunDir(out / "mean-seed0").set_status("failed", error="killed")
+    with pytest.raises(CapshapeError, match="already holds a run: pass --resume"):
+        run_comparison(tiny_config, out, show_progress=False)
+    # retry_kwargs: a cell whose first attempt fails continues with resume=True
+    cell = Cell("mean-seed0", train_run, 12, dict(config=tiny_config, objective_name="mean", seed=0,
+                                                  out=out / "mean-seed0", resume=False), retry_kwargs={"resume": True})
+    assert run_cells([cell], workers=1, show_progress=False, retries=1) == {}
+    assert RunDir(out / "mean-seed0").status()["status"] == "finished"
+
+
+def test_unknown_executor_and_missing_gpu_are_one_line_errors(tmp_path, tiny_config):
+    with pytest.raises(CapshapeError, match="Unknown executor 'slurm'"):
+        run_cells([], workers=1, show_progress=False, executor="slurm")
+    with pytest.raises(CapshapeError, match="Unknown executor 'slurm'"):
+        run_comparison(tiny_config, tmp_path / "x", show_progress=False, executor="slurm")
+    with pytest.raises(CapshapeError, match="add --executor ray"):
+        run_comparison(tiny_config, tmp_path / "x", show_progress=False, address="auto")
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(CapshapeError, match="no CUDA GPU"):
+            run_comparison(tiny_config, tmp_path / "x", show_progress=False, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test file
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", object_store_memory=80 * 2**20)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_executor_runs_a_grid_into_the_same_run_store(tmp_path, tiny_config, local_ray):
+    config = tiny_config.model_copy(update={"objectives": ["mean", "grouped"], "seeds": [0, 1]})
+    summary = run_comparison(config, tmp_path / "grid", show_progress=False, executor="ray")
+    assert summary["failed"] == {} and len(summary["runs"]) == 4
+    for name in summary["runs"]:
+        run = RunDir(tmp_path / "grid" / name)
+        assert run.status()["status"] == "finished" and (run.path / "model.safetensors").exists()
+    assert read_json(tmp_path / "grid" / "summary.json")["objectives"].keys() == {"mean", "grouped"}
+
+
+def test_ray_executor_retries_and_reports(tmp_path, local_ray):
+    failures = run_cells(_cells(tmp_path), workers=1, show_progress=False, executor="ray", retries=1)
+    assert failures == {"broken": "always broken"}
+    assert (tmp_path / "marker").exists()  # flaky failed once, then succeeded
+    assert (tmp_path / "log").read_text().count("attempt") == 2

@@ -1,0 +1,109 @@
+"""The Hugging Face GPT-2 adapter: capshape's sites, objectives, routing masks and gradient sketches."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from capshape.config import ModelConfig, build_config  # noqa: E402
+from capshape.grads import GradientSketcher, gradient_gram, linear_layer_names  # noqa: E402
+from capshape.models import Transformer, build_model, per_example_losses  # noqa: E402
+from capshape.objectives import build_objective  # noqa: E402
+from capshape.tasks.suites import InputSpec  # noqa: E402
+from capshape.train import StepHooks, load_model, prepare_data, train_run  # noqa: E402
+from capshape.train.loop import make_optimizer, training_step  # noqa: E402
+
+SIZE = dict(n_layer=2, n_head=2, d_model=16, d_mlp=32, max_len=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, especially on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _hf_config(**train):
+    return build_config({
+        "seeds": [0], "objectives": ["grouped"],
+        "data": {"tasks": ["copy", "add"], "train_examples": 200, "eval_examples": 16},
+        "model": {"kind": "hf_gpt2", **SIZE},
+        "train": {"steps": 4, "batch_size": 8, "eval_every": 2, "checkpoint_every": 2, "warmup_steps": 1, "threads": 1, **train},
+    })
+
+
+def _model(vocab=40):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(kind="hf_gpt2", **SIZE), InputSpec("tokens", vocab_size=vocab))
+
+
+def test_hf_gpt2_has_the_transformer_sites_and_returns_logits():
+    model = _model()
+    assert list(model.sites) == list(Transformer(ModelConfig(**SIZE), 40).sites)
+    tokens = torch.randint(0, 40, (3, 10))
+    assert model(tokens).shape == (3, 10, 40)
+    seen = {}
+
+    def record(name):
+        def fn(x):
+            seen[name] = tuple(x.shape)
+            return x
+        return fn
+
+    with model.attach({name: record(name) for name in model.sites}):
+        model(tokens)
+    assert seen.keys() == model.sites.keys()
+    assert seen["blocks.1.mlp.hidden"] == (3, 10, 32) and seen["embed"] == seen["blocks.0.resid_post"] == (3, 10, 16)
+
+
+def test_a_grouped_step_with_a_routing_mask_at_the_mlp_hidden_site():
+    config = _hf_config()
+    prepared = prepare_data(config, 0)
+    model = build_model(config.model, prepared.suite.input_spec)
+    objective = build_objective("grouped", {}, len(prepared.group_names))
+    optimizer = make_optimizer(model, config)
+    mask = torch.ones(SIZE["d_mlp"])
+    mask[::2] = 0  # route half of block 0's MLP neurons off
+    hooks = StepHooks(around_forward=lambda m, batch: m.attach({"blocks.0.mlp.hidden": lambda h: h * mask}))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = training_step(0, config, model, objective, optimizer, prepared.sampler(config, 0), hooks, "cpu")
+    assert result.finite and torch.isfinite(result.weighting.value) and result.weighting.stats["absent_groups"] == 0
+    mlp = model.hf.transformer.h[0].mlp
+    # Conv1D weights are [d_in, d_out]: neuron j is column j of c_fc and row j of c_proj
+    assert mlp.c_fc.weight.grad[:, mask == 0].abs().max() == 0 and mlp.c_fc.bias.grad[mask == 0].abs().max() == 0
+    assert mlp.c_proj.weight.grad[mask == 0].abs().max() == 0
+    assert mlp.c_fc.weight.grad[:, mask == 1].abs().max() > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_gradient_capture_covers_gpt2_conv1d_layers_exactly():
+    model = _model()
+    tokens = torch.randint(0, 40, (3, 10))
+    labels = torch.randint(0, 40, (3, 10))
+    labels[:, :4] = -100
+    layers = [n for n in linear_layer_names(model) if n != "hf.lm_head"]
+    assert layers and all("c_" in n for n in layers)  # the Conv1D layers
+    grads = []
+    for n in range(3):  # the exact per-example gradients of those layers' weights and biases
+        model.zero_grad()
+        per_example_losses(model(tokens[n:n + 1]), labels[n:n + 1]).sum().backward()
+        modules = dict(model.named_modules())
+        grads.append(torch.cat([torch.cat([modules[l].weight.grad.flatten(), modules[l].bias.grad]) for l in layers]))
+    exact = torch.stack(grads) @ torch.stack(grads).T
+    torch.testing.assert_close(gradient_gram(model, tokens, labels, layers), exact, rtol=1e-4, atol=1e-7)
+    assert GradientSketcher(model, 256, seed=0, layers=layers)(tokens, labels).shape == (3, 256)
+
+
+def test_hf_gpt2_trains_through_the_loop_and_reloads(tmp_path):
+    config = _hf_config(precision="bf16")  # bf16 autocast on the CPU too
+    summary = train_run(config, "grouped", 0, tmp_path / "run")
+    assert summary["objective"] == "grouped"
+    model = build_model(config.model, prepare_data(config, 0).suite.input_spec)
+    load_model(tmp_path / "run" / "model.safetensors", model)  # train.init_from's path
+    model.hf.save_pretrained(tmp_path / "saved")
+    spec = prepare_data(config, 0).suite.input_spec
+    from_path = build_model(config.model.model_copy(update={"hf_path": tmp_path / "saved"}), spec)  # local files only
+    loaded = from_path.state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded[name], tensor, msg=name)

@@ -5,7 +5,9 @@ import pytest
 from capshape.config import RunConfig, build_config, load_config, parse_override
 from capshape.errors import CapshapeError
 from capshape.experiments.distill import DistillConfig, check_distill_config
+from capshape.experiments.overhang import OverhangConfig, check_overhang_config
 from capshape.experiments.transfer import TransferConfig, check_transfer_config
+from capshape.experiments.unlearn import UnlearnConfig, check_unlearn_config
 from capshape.train import check_config
 
 SHIPPED = sorted(Path(__file__).parents[1].glob("configs/*.toml")) + sorted(
@@ -14,8 +16,10 @@ SHIPPED = sorted(Path(__file__).parents[1].glob("configs/*.toml")) + sorted(
 
 # Protocol configs extend RunConfig with their own section: file name -> (schema, semantic check).
 PROTOCOL_CONFIGS = {"transfer.toml": (TransferConfig, check_transfer_config),
+                    "unlearn.toml": (UnlearnConfig, check_unlearn_config),
                     "distill_digits.toml": (DistillConfig, check_distill_config),
-                    "distill_sequence.toml": (DistillConfig, check_distill_config)}
+                    "distill_sequence.toml": (DistillConfig, check_distill_config),
+                    "overhang.toml": (OverhangConfig, check_overhang_config)}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

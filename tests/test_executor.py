@@ -32,21 +32,17 @@ def _cells(tmp_path, retry_kwargs=None):
             Cell("broken", broken, 1, {"log": str(tmp_path / "log")}, retry_kwargs=retry_kwargs or {})]
 
 
-def test_local_executor_retries_a_failed_cell_and_reports_one_that_always_fails(tmp_path):
-    failures = run_cells(_cells(tmp_path), workers=1, show_progress=False, retries=1)
-    assert failures == {"broken": "always broken"}  # flaky succeeded on its retry
-    assert (tmp_path / "log").read_text().count("attempt") == 2  # 1 + retries attempts
-
-
-def test_a_retried_run_resumes_its_failed_attempt_and_rerunning_without_resume_is_refused(tmp_path, tiny_config):
+def test_local_executor_retries_failed_cells_and_reports_those_that_always_fail(tmp_path, tiny_config):
     out = tmp_path / "cmp"
-    RunDir(out / "mean-seed0").set_status("failed", error="killed")
+    RunDir(out / "mean-seed0").set_status("failed", error="killed")  # as a crashed earlier attempt leaves it
     with pytest.raises(CapshapeError, match="already holds a run: pass --resume"):
-        run_comparison(tiny_config, out, show_progress=False)
-    # retry_kwargs: a cell whose first attempt fails continues with resume=True
-    cell = Cell("mean-seed0", train_run, 12, dict(config=tiny_config, objective_name="mean", seed=0,
-                                                  out=out / "mean-seed0", resume=False), retry_kwargs={"resume": True})
-    assert run_cells([cell], workers=1, show_progress=False, retries=1) == {}
+        run_comparison(tiny_config, out, show_progress=False)  # a rerun without --resume is refused up front
+    # a retried run continues with its retry_kwargs (resume=True): here its first attempt is refused
+    resumed = Cell("mean-seed0", train_run, 12, dict(config=tiny_config, objective_name="mean", seed=0,
+                                                     out=out / "mean-seed0", resume=False), retry_kwargs={"resume": True})
+    failures = run_cells([*_cells(tmp_path), resumed], workers=1, show_progress=False, retries=1)
+    assert failures == {"broken": "always broken"}  # flaky and the run succeeded on their retry
+    assert (tmp_path / "log").read_text().count("attempt") == 2  # 1 + retries attempts
     assert RunDir(out / "mean-seed0").status()["status"] == "finished"
 
 
@@ -75,6 +71,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow  # cold Ray workers import torch and capshape: 20-50 s on a busy 2-core machine
 def test_ray_executor_runs_a_grid_into_the_same_run_store(tmp_path, tiny_config, local_ray):
     config = tiny_config.model_copy(update={"objectives": ["mean", "grouped"], "seeds": [0, 1]})
     summary = run_comparison(config, tmp_path / "grid", show_progress=False, executor="ray")
@@ -83,10 +80,16 @@ def test_ray_executor_runs_a_grid_into_the_same_run_store(tmp_path, tiny_config,
         run = RunDir(tmp_path / "grid" / name)
         assert run.status()["status"] == "finished" and (run.path / "model.safetensors").exists()
     assert read_json(tmp_path / "grid" / "summary.json")["objectives"].keys() == {"mean", "grouped"}
+    assert read_json(tmp_path / "grid" / "mean-seed0" / "config.json")["train"]["threads"] == 1
 
 
-def test_ray_executor_retries_and_reports(tmp_path, local_ray):
-    failures = run_cells(_cells(tmp_path), workers=1, show_progress=False, executor="ray", retries=1)
+def test_ray_executor_trains_retries_and_reports(tmp_path, tiny_config, local_ray):
+    out = tmp_path / "mean-seed0"
+    RunDir(out).set_status("failed", error="killed")  # its first attempt is refused; the retry resumes
+    run = Cell("mean-seed0", train_run, 12, dict(config=tiny_config, objective_name="mean", seed=0, out=out, resume=False),
+               retry_kwargs={"resume": True})
+    failures = run_cells([*_cells(tmp_path), run], workers=1, show_progress=False, executor="ray", retries=1)
     assert failures == {"broken": "always broken"}
     assert (tmp_path / "marker").exists()  # flaky failed once, then succeeded
     assert (tmp_path / "log").read_text().count("attempt") == 2
+    assert RunDir(out).status()["status"] == "finished" and (out / "model.safetensors").exists()

@@ -34,7 +34,10 @@ class RayExecutor:
         self.started = not ray.is_initialized()
         if self.started:
             options = {"include_dashboard": False} if self.address is None else {}
-            ray.init(address=self.address, logging_level="warning", **options)
+            try:
+                ray.init(address=self.address, logging_level="warning", **options)
+            except ConnectionError as error:
+                raise CapshapeError(f"--ray-address {self.address}: {error}") from None
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.task = ray.remote(_run_ray_cell)
         return self

@@ -4,7 +4,7 @@ For every size n and seed: fine-tune the unlearned model on n examples of each f
 number of steps (constant learning rate), evaluating the forget tasks' held-out sets at every step.
 A seed fixes the n examples, the batch order and the held-out set. Per run: the minimum forget loss
 reached, and the first step at which the forget accuracy is back at the pre-unlearning model's
-accuracy on the same held-out set (None: not within the budget).
+accuracy (times `recover`) on the same held-out set (None: not within the budget).
 
     DIR/n<n>-seed<s>/   one run directory per (n, seed)
 """
@@ -66,9 +66,10 @@ def reference_accuracy(reference, config: RunConfig, seed: int, forget: list[str
 
 
 def run_relearning(base: RunConfig, forget: list[str], model_path: Path, reference, directory: Path,
-                   sizes: list[int], seeds: list[int], steps: int, lr: float, batch_size: int,
+                   sizes: list[int], seeds: list[int], steps: int, lr: float, batch_size: int, recover: float = 1.0,
                    progress: Callable[[str, int], Optional[Callable]] = lambda name, total: None) -> dict:
-    """Every (n, seed) run of one method's model; `reference` is its model before unlearning."""
+    """Every (n, seed) run of one method's model; `reference` is its model before unlearning, and a run has
+    recovered once its forget accuracy reaches `recover` × the reference's."""
     by_size: dict[str, dict] = {}
     references = {}
     for seed in seeds:
@@ -81,9 +82,9 @@ def run_relearning(base: RunConfig, forget: list[str], model_path: Path, referen
             path = run_dir(directory, n, seed)
             train_run(config, "mean", seed, path, resume=True, on_progress=progress(f"{path.parent.name} n={n} s={seed}", steps))
             curve = forget_curve(RunDir(path).read_metrics(), forget)
-            runs.append({"seed": seed, "curve": curve, "min_loss": min(curve["loss"]),
-                         "target_accuracy": references[seed]["accuracy"],
-                         "steps_to_recover": steps_to_reach(curve, references[seed]["accuracy"])})
+            target = recover * references[seed]["accuracy"]
+            runs.append({"seed": seed, "curve": curve, "min_loss": min(curve["loss"]), "target_accuracy": target,
+                         "steps_to_recover": steps_to_reach(curve, target)})
         by_size[str(n)] = {**summarize_runs(runs), "per_seed": runs}
     return {"sizes": sizes, "seeds": seeds, "steps": steps, "reference": {str(s): r for s, r in references.items()},
             "by_size": by_size}

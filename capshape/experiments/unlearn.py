@@ -45,8 +45,8 @@ from capshape.experiments.relearn import run_relearning
 from capshape.experiments.unlearn_methods import (FORGET, RETAIN, RMU, GradientAscentLosses, KeepBest, era_hooks,
                                                   filter_hooks)
 from capshape.models import build_model
-from capshape.routing import Expansion, Routes, contract_mlp, expand_mlp
-from capshape.runstore import RunDir, exclusive, read_json, write_json
+from capshape.routing import Routes, contract_mlp, expand_mlp
+from capshape.runstore import exclusive, read_json, write_json
 from capshape.tasks import TOKENIZER, InputSpec
 from capshape.train import StepHooks, check_config, evaluate, load_model, prepare_data, save_model, train_run
 
@@ -68,9 +68,11 @@ class ERASection(Section):
     retain_mask: MaskValues = Field(MaskValues(original=1.0, expanded=0.0), description="Masks for retain examples.")
     positions: Literal["all", "target"] = Field("all", description="'all': every position of a forget example is "
                                                 "routed; 'target': only positions that predict target tokens.")
-    route_parameters: bool = Field(True, description="Forget examples update only the added units' parameters "
-                                   "(two backward passes per step); false: activation masks alone.")
-    l1: float = Field(1e-3, ge=0, description="L1 penalty on the added units' activations of retain examples.")
+    route_parameters: bool = Field(False, description="Also route at the parameter level: forget examples update "
+                                   "only the added units' parameters (see routing/README.md: at this scale it stops "
+                                   "the forget tasks from being learned at all). false: activation masks alone, as published.")
+    l1: float = Field(0.01, ge=0, description="L1 penalty on the added units' activations of retain examples "
+                      "(0: retain data uses the added units and ablation hurts it; 0.03: forget data avoids them).")
     coherence: bool = Field(True, description="After ablation, fine-tune on retain data for post_steps.")
     coherence_lr: float = Field(1e-3, gt=0, description="Peak learning rate of the coherence fine-tune.")
     select_every: int = Field(10, gt=0, description="Measure held-out retain loss every N coherence steps; keep the best.")
@@ -96,6 +98,8 @@ class RelearnSection(Section):
     steps: int = Field(30, gt=0, description="Fine-tuning steps of every attack (forget evaluated at each).")
     lr: float = Field(1e-3, gt=0, description="Constant learning rate of the attack.")
     batch_size: int = Field(16, gt=0, description="Batch size (at most the number of examples).")
+    recover: float = Field(1.0, gt=0, le=1, description="Recovered once the forget accuracy reaches this fraction of "
+                           "the pre-unlearning model's.")
 
 
 class UnlearnSection(Section):
@@ -367,7 +371,7 @@ def run_relearn_attacks(ctx: Context, results: dict) -> dict[str, dict]:
         attacks[method] = _cached(ctx.out / "relearn" / f"{method}.json", lambda: run_relearning(
             pretrain_config(ctx.config), ctx.forget, ctx.out / results[method]["model"],
             reference_model(ctx, method, results), directory, r.sizes, r.seeds, r.steps, r.lr, r.batch_size,
-            ctx.progress))
+            r.recover, ctx.progress))
     return attacks
 
 

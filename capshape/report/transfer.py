@@ -71,7 +71,8 @@ def metric_figures(summary: dict, metric: str) -> dict:
     def transfer_text(i: int, j: int) -> str:
         if np.isnan(mean[i, j]):
             return ""
-        star = "*" if low[i, j] > 0 or high[i, j] < 0 else ""
+        # a zero-width interval (every seed gave the same value, e.g. 2 of 256 right) is no evidence: no star
+        star = "*" if (low[i, j] > 0 or high[i, j] < 0) and high[i, j] > low[i, j] else ""
         spread = "" if np.isnan(high[i, j]) else f"\n±{(high[i, j] - low[i, j]) / 2:.2g}"
         return f"{mean[i, j]:+.2g}{star}{spread}"
 
@@ -85,7 +86,7 @@ def metric_figures(summary: dict, metric: str) -> dict:
                                          f"{METRIC_TITLES[metric]} after A → B (top row: B only)", raw_texts,
                                          "viridis" if metric == "accuracy" else "viridis_r", False, raw_label),
         f"{metric}_transfer": lambda: heatmap(mean, order, order, f"transfer T_AB ({unit}, ± 95% CI half-width; "
-                                              f"* CI excludes 0)", transfer_texts, "RdBu", True, f"T_AB ({unit})"),
+                                              f"* CI excludes 0, width > 0)", transfer_texts, "RdBu", True, f"T_AB ({unit})"),
         f"{metric}_similarity": lambda: heatmap(similarity["similarity"], order, order,
                                                 "similarity S_AB = sqrt(max(T_AB,0)·max(T_BA,0))",
                                                 sim_texts["similarity"], "Greens", False, f"S ({unit})"),

@@ -1,0 +1,424 @@
+"""Gradient routing and the unlearn protocol: activation masks against autograd on an unmasked model,
+negative masks, parameter-level routing, expand/contract, ablation of what was routed, the method hooks,
+the relearning bookkeeping, config errors, a tiny end-to-end run and (slow) the real CLI."""
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from capshape.cli import app
+from capshape.config import build_config
+from capshape.errors import CapshapeError
+from capshape.experiments import relearn as relearn_module
+from capshape.experiments.unlearn import UnlearnConfig, check_unlearn_config, run_unlearn
+from capshape.experiments.unlearn_methods import RMU, GradientAscentLosses, KeepBest, era_hooks
+from capshape.models import build_model
+from capshape.report import build_report
+from capshape.routing import (ActivationRouter, ParameterRouter, RoutedLosses, Routes, contract_mlp, example_hash,
+                              expand_mlp, route)
+from capshape.tasks import TOKENIZER, Batch, InputSpec
+from capshape.tasks.tokenizer import IGNORE
+from capshape.objectives import build_objective
+from capshape.train import StepHooks, prepare_data, save_model, train_run
+from capshape.train.loop import cross_entropy_losses, make_optimizer, training_step
+
+SITE = "blocks.0.mlp.hidden"
+
+
+def tiny_model(config, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(config.model, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size))
+
+
+def a_batch(config, size: int = 8, tasks=None) -> Batch:
+    if tasks is not None:
+        config = config.model_copy(update={"data": config.data.model_copy(update={"tasks": tasks})})
+    return prepare_data(config, 0).sampler(config, 0).draw(size, stream=1)
+
+
+def grads(model, loss_fn) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+# ---- activation-level routing --------------------------------------------------------------------
+
+def test_route_keeps_the_forward_value_and_scales_the_gradient():
+    x = torch.randn(4, 3, requires_grad=True)
+    mask = torch.tensor([1.0, 0.0, -0.75])
+    y = route(x, mask)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert torch.equal(x.grad, mask.expand(4, 3))
+
+
+def test_activation_masks_leave_the_forward_unchanged_and_stop_gradient_where_zero(tiny_config):
+    model = tiny_model(tiny_config)
+    batch = a_batch(tiny_config)
+    d_mlp = tiny_config.model.d_mlp
+    stop = torch.cat([torch.ones(d_mlp // 2), torch.zeros(d_mlp - d_mlp // 2)])  # second half stopped
+    router = ActivationRouter(lambda b: torch.ones(len(b), dtype=torch.long), {SITE: torch.stack([torch.ones(d_mlp), stop])})
+    plain_logits = model(batch.inputs)
+    with router(model, batch):
+        routed_logits = model(batch.inputs)
+    assert torch.equal(plain_logits, routed_logits)
+
+    reference = grads(model, lambda: cross_entropy_losses(model, batch).mean())
+
+    def routed_loss():
+        with router(model, batch):
+            return cross_entropy_losses(model, batch).mean()
+
+    routed = grads(model, routed_loss)
+    up = "blocks.0.mlp.up.weight"
+    assert torch.equal(routed[up][d_mlp // 2:], torch.zeros_like(routed[up][d_mlp // 2:]))
+    assert torch.allclose(routed[up][: d_mlp // 2], reference[up][: d_mlp // 2], atol=1e-7)
+    for name in ("blocks.0.mlp.down.weight", "unembed.weight"):  # downstream of the site: unchanged
+        assert torch.allclose(routed[name], reference[name], atol=1e-7)
+    assert not torch.allclose(routed["token_embedding.weight"], reference["token_embedding.weight"])
+
+
+def test_negative_masks_flip_the_gradient(tiny_config):
+    model = tiny_model(tiny_config)
+    batch = a_batch(tiny_config)
+    d_mlp = tiny_config.model.d_mlp
+    router = ActivationRouter(lambda b: torch.zeros(len(b), dtype=torch.long), {SITE: torch.full((1, d_mlp), -0.75)})
+    reference = grads(model, lambda: cross_entropy_losses(model, batch).mean())
+
+    def routed_loss():
+        with router(model, batch):
+            return cross_entropy_losses(model, batch).mean()
+
+    routed = grads(model, routed_loss)
+    for name in ("blocks.0.mlp.up.weight", "blocks.0.mlp.up.bias"):
+        assert torch.allclose(routed[name], -0.75 * reference[name], atol=1e-7)
+
+
+def test_target_positions_take_the_examples_mask_and_the_others_route_zeros(tiny_config):
+    model = tiny_model(tiny_config)
+    batch = a_batch(tiny_config)
+    d_mlp = tiny_config.model.d_mlp
+    masks = {SITE: torch.stack([torch.ones(d_mlp), torch.zeros(d_mlp)])}  # route 1 stops everything
+    router = ActivationRouter(lambda b: torch.ones(len(b), dtype=torch.long), masks, positions="target")
+    manual = (batch.labels == IGNORE).float()[:, :, None]  # 1 where no target: route 0's mask
+
+    def routed_loss():
+        with router(model, batch):
+            return cross_entropy_losses(model, batch).mean()
+
+    def manual_loss():
+        with model.attach({SITE: lambda x: route(x, manual)}):
+            return cross_entropy_losses(model, batch).mean()
+
+    routed, expected = grads(model, routed_loss), grads(model, manual_loss)
+    assert all(torch.allclose(routed[n], expected[n], atol=1e-7) for n in expected)
+
+
+def test_l1_penalty_is_added_per_example_for_its_route(tiny_config):
+    model = tiny_model(tiny_config)
+    batch = a_batch(tiny_config)
+    d_mlp = tiny_config.model.d_mlp
+    routes = lambda b: (torch.arange(len(b)) % 2)
+    router = ActivationRouter(routes, {}, l1={SITE: torch.stack([torch.full((d_mlp,), 0.5), torch.zeros(d_mlp)])})
+    losses = RoutedLosses(cross_entropy_losses, router)
+    with router(model, batch):
+        with_penalty = losses(model, batch)
+    hidden = {}
+    with model.attach({SITE: lambda x: hidden.setdefault("x", x)}):
+        plain = cross_entropy_losses(model, batch)
+    expected = 0.5 * hidden["x"].abs().sum(-1).mean(1) * (routes(batch) == 0)
+    assert torch.allclose(with_penalty - plain, expected, atol=1e-6)
+
+
+def test_partial_labels_are_a_fixed_share_of_examples():
+    inputs = torch.randint(0, 40, (4000, 12))
+    labelled = example_hash(inputs) < 0.3
+    assert 0.27 < labelled.float().mean() < 0.33
+    assert torch.equal(example_hash(inputs), example_hash(inputs.clone()))
+    routes = Routes([0, 1], labelled_fraction=0.3)
+    batch = Batch(inputs, inputs, torch.ones(4000, dtype=torch.long), torch.zeros(4000, dtype=torch.long))
+    assert torch.equal(routes(batch), labelled.long())
+
+
+# ---- parameter-level routing ---------------------------------------------------------------------
+
+def test_parameter_routing_gives_other_parameters_only_the_retain_gradient(tiny_config):
+    model = tiny_model(tiny_config)
+    expansion = expand_mlp(model, None, 4, generator=torch.Generator().manual_seed(0))
+    batch = a_batch(tiny_config)  # copy (route 0) and add (route 1)
+    routes = Routes([0, 1])
+    assert set(routes(batch).tolist()) == {0, 1}
+    spec = expansion.parameter_spec()
+
+    def routed_step(router):
+        model.zero_grad(set_to_none=True)
+        router.losses(model, batch).mean().backward()
+        router.after_backward(model, batch)
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    routed = routed_step(ParameterRouter(routes, {1: spec}, cross_entropy_losses))
+    retain = grads(model, lambda: (cross_entropy_losses(model, batch) * (routes(batch) == 0)).sum() / len(batch))
+    full = grads(model, lambda: cross_entropy_losses(model, batch).mean())
+    for name, grad in routed.items():
+        if name not in spec:
+            assert torch.allclose(grad, retain[name], atol=1e-7), name
+    for name, mask in spec.items():  # added units: both routes; original units: retain only
+        mask = mask.expand_as(routed[name]).bool()
+        assert torch.allclose(routed[name][mask], full[name][mask], atol=1e-7)
+        assert torch.allclose(routed[name][~mask], retain[name][~mask], atol=1e-7)
+    everything = ParameterRouter(routes, {1: {n: torch.ones(()) for n, _ in model.named_parameters()}}, cross_entropy_losses)
+    assert all(torch.allclose(g, full[n], atol=1e-7) for n, g in routed_step(everything).items())
+
+
+def test_a_forget_only_step_leaves_every_other_parameter_untouched(tiny_config):
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"weight_decay": 0.0})})
+    model = tiny_model(config)
+    expansion = expand_mlp(model, None, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # non-zero added down columns, so the added up rows get gradient too
+        for block in model.blocks:
+            block.mlp.down.weight[:, -4:].normal_(std=0.1)
+    spec = expansion.parameter_spec()
+    router = ParameterRouter(Routes([1]), {1: spec}, cross_entropy_losses)  # every example is forget
+    forget_only = config.model_copy(update={"data": config.data.model_copy(update={"tasks": ["add"]})})
+    sampler = prepare_data(forget_only, 0).sampler(forget_only, 0)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = make_optimizer(model, config)
+    hooks = StepHooks(losses=router.losses, after_backward=router.after_backward)
+    training_step(0, config, model, build_objective("mean", {}, 1), optimizer, sampler, hooks, "cpu")
+    after = model.state_dict()
+    changed = []
+    for name, value in after.items():
+        mask = spec[name].expand_as(value).bool() if name in spec else torch.zeros_like(value, dtype=torch.bool)
+        assert torch.equal(value[~mask], before[name][~mask]), name
+        changed.append(not torch.equal(value[mask], before[name][mask]) if mask.any() else False)
+    assert any(changed)
+
+
+# ---- expand / contract ---------------------------------------------------------------------------
+
+def test_expand_keeps_the_function_and_contract_restores_it_exactly(tiny_config):
+    model = tiny_model(tiny_config)
+    batch = a_batch(tiny_config)
+    original = model(batch.inputs)
+    expansion = expand_mlp(model, [0], 6, std=0.5, generator=torch.Generator().manual_seed(3))
+    assert model.blocks[0].mlp.up.out_features == tiny_config.model.d_mlp + 6
+    assert torch.allclose(model(batch.inputs), original, atol=1e-6)
+    assert expansion.site_masks(0.0, 1.0)[SITE].tolist() == [0.0] * tiny_config.model.d_mlp + [1.0] * 6
+    contract_mlp(model, expansion)
+    assert torch.equal(model(batch.inputs), original)
+    assert set(model.state_dict()) == set(tiny_model(tiny_config).state_dict())
+
+
+def test_ablation_removes_what_was_routed(tiny_config, tmp_path):
+    """Train the expanded model on forget data only, routed to the added units (activations and parameters):
+    the forget loss falls, and after contraction the model is the untrained one, bit for bit."""
+    config = build_config({"objectives": ["mean"], "data": {"tasks": ["add"], "train_examples": 200, "eval_examples": 16},
+                           "model": tiny_config.model.model_dump(),
+                           "train": {"steps": 15, "batch_size": 8, "lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 1,
+                                     "eval_every": 15, "checkpoint_every": 15, "threads": 1}})
+    model = tiny_model(config)
+    original = copy.deepcopy(model)
+    expansion = expand_mlp(model, None, 8, std=0.2, generator=torch.Generator().manual_seed(0))
+    hooks = era_hooks(expansion, Routes([1]), (0.0, 1.0), (1.0, 0.0), "all", 0.0, route_parameters=True)
+    train_run(config, "mean", 0, tmp_path / "run", hooks=hooks, model=model)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval"]["add"]["loss"] < rows[0]["eval"]["add"]["loss"] - 0.5
+    contract_mlp(model, expansion)
+    batch = a_batch(config)
+    assert torch.equal(model(batch.inputs), original(batch.inputs))
+
+
+# ---- method hooks --------------------------------------------------------------------------------
+
+def test_gradient_ascent_negates_forget_losses_and_caps_them(tiny_config):
+    model = tiny_model(tiny_config)
+    batch = a_batch(tiny_config)
+    routes = Routes([0, 1])
+    losses = GradientAscentLosses(routes, weight=2.0, cap=1.0)(model, batch)
+    plain = cross_entropy_losses(model, batch)
+    forget = routes(batch) == 1
+    assert torch.allclose(losses[~forget], plain[~forget])
+    assert torch.allclose(losses[forget], -2.0 * plain[forget].clamp(max=1.0))
+
+
+def test_rmu_updates_only_its_trainable_parameters_and_steers_forget_activations(tiny_config):
+    model = tiny_model(tiny_config)
+    batch = a_batch(tiny_config)
+    rmu = RMU(copy.deepcopy(model), "blocks.0.resid_post", Routes([0, 1]), steering=3.0, alpha=1.0,
+              trainable=["blocks.0.mlp."], reference_inputs=batch.inputs, seed=0)
+    losses = rmu.losses(model, batch)
+    forget = Routes([0, 1])(batch) == 1
+    assert torch.all(losses[~forget] == 0)  # retain activations equal the frozen copy's at the start
+    assert torch.all(losses[forget] > 0)
+    losses.mean().backward()
+    rmu.after_backward(model, batch)
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(name.startswith("blocks.0.mlp.") for name in with_grad)
+
+
+def test_keep_best_loads_the_state_with_the_lowest_retain_loss(tiny_config):
+    model = tiny_model(tiny_config)
+    data = prepare_data(tiny_config, 0).data
+    keep = KeepBest(data, every=1)
+    keep(model, None)  # step 0: the model as it is
+    best = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        model.unembed.weight.mul_(50)  # much worse
+    record = keep.finish(model, 1)
+    assert record["best_step"] == 0 and len(record["history"]) == 2
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+
+
+# ---- relearning bookkeeping ----------------------------------------------------------------------
+
+def test_steps_to_reach_and_the_summary_over_seeds():
+    curve = {"steps": [0, 1, 2, 3], "loss": [3.0, 2.0, 1.0, 1.5], "accuracy": [0.0, 0.1, 0.3, 0.2]}
+    assert relearn_module.steps_to_reach(curve, 0.25) == 2
+    assert relearn_module.steps_to_reach(curve, 0.0) == 0
+    assert relearn_module.steps_to_reach(curve, 0.5) is None
+    runs = [{"curve": curve, "min_loss": 1.0, "steps_to_recover": 2}, {"curve": curve, "min_loss": 2.0, "steps_to_recover": None}]
+    summary = relearn_module.summarize_runs(runs)
+    assert summary["min_loss"] == 1.5 and summary["recovered"] == 1 and summary["runs"] == 2
+    assert summary["steps_to_recover"] == [2, None] and summary["median_steps_to_recover"] is None
+    assert relearn_module.summarize_runs(runs[:1])["median_steps_to_recover"] == 2
+
+
+def test_relearning_runs_are_sized_seeded_and_evaluated_every_step(tiny_config, tmp_path):
+    model = tiny_model(tiny_config)
+    path = tmp_path / "model.safetensors"
+    save_model(path, model)
+    config = relearn_module.relearn_config(tiny_config, ["add"], 4, 3, 1e-3, 16, path)
+    assert config.data.tasks == ["add"] and config.data.train_examples == 4 and config.train.batch_size == 4
+    held_out = lambda n, seed: prepare_data(relearn_module.relearn_config(tiny_config, ["add"], n, 3, 1e-3, 16, path),
+                                            seed).data[0].held_out.prompts
+    assert held_out(1, 0) == held_out(64, 0) != held_out(1, 1)  # the seed, not n, fixes the held-out set
+    result = relearn_module.run_relearning(tiny_config, ["add"], path, model, tmp_path / "attack", [1, 4], [0, 1],
+                                           steps=3, lr=1e-3, batch_size=16)
+    assert sorted(p.name for p in (tmp_path / "attack").iterdir()) == ["n1-seed0", "n1-seed1", "n4-seed0", "n4-seed1"]
+    for n in ("1", "4"):
+        stats = result["by_size"][n]
+        assert stats["runs"] == 2 and len(stats["per_seed"]) == 2
+        for run in stats["per_seed"]:
+            assert run["curve"]["steps"] == [0, 1, 2, 3]
+            assert run["steps_to_recover"] == 0  # the reference is the model itself
+            assert run["min_loss"] == min(run["curve"]["loss"])
+
+
+# ---- config errors, end to end -------------------------------------------------------------------
+
+TINY = {
+    "data": {"tasks": ["copy", "add"], "train_examples": 100, "eval_examples": 16},
+    "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "d_mlp": 32, "max_len": 16},
+    "train": {"steps": 4, "batch_size": 8, "eval_every": 2, "checkpoint_every": 2, "warmup_steps": 1, "threads": 1},
+    "unlearn": {"forget": ["add"], "post_steps": 3, "unlabelled": [0.5],
+                "era": {"neurons": 4, "select_every": 1},
+                "relearn": {"sizes": [1, 2], "seeds": [0], "steps": 2, "batch_size": 4},
+                "digits": {"steps": 3, "certificate_steps": 3, "hidden": 8, "latent": 4, "batch_size": 20}},
+}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["unlearn.forget=[\"mul\"]"], "'mul' is not in data.tasks"),
+    (["unlearn.forget=[\"add\", \"copy\"]"], "leave at least one task to retain"),
+    (["data.eval_only=[\"sub\"]"], "data.eval_only"),
+    (["seeds=[0, 1]"], "one model per method"),
+    (["unlearn.era.blocks=[3]"], "block 3 does not exist"),
+    (["unlearn.rmu.trainable=[\"encoder.\"]"], "unlearn.rmu.trainable"),
+    (["unlearn.unlabelled=[0.0]"], "unlearn.unlabelled"),
+    (["unlearn.methods=[\"era\", \"era\"]"], "twice"),
+    (["unlearn.digits.latent=5"], "even"),
+])
+def test_config_errors_are_one_line(overrides, message):
+    with pytest.raises(CapshapeError, match=message) as info:
+        check_unlearn_config(build_config(TINY, overrides, schema=UnlearnConfig))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["unlearn.methods=[\"unlearn_everything\"]"], "unlearn.methods"), (["unlearn.era.neurons=0"], "unlearn.era.neurons"),
+    (["unlearn.era.forget_mask={original=1}"], "unlearn.era.forget_mask"), (["unlearn.forgett=[]"], "not known"),
+])
+def test_schema_errors_name_the_field_in_one_line(overrides, field):
+    with pytest.raises(CapshapeError, match=field) as info:
+        build_config(TINY, overrides, schema=UnlearnConfig)
+    assert "\n" not in str(info.value)
+
+
+def test_tiny_unlearn_end_to_end_with_report_and_resume(tmp_path):
+    config = build_config(TINY, schema=UnlearnConfig)
+    out = tmp_path / "out"
+    summary = run_unlearn(config, out, show_progress=False)
+    assert summary["kind"] == "unlearn" and summary["forget"] == ["add"] and summary["retain"] == ["copy"]
+    assert list(summary["methods"]) == ["plain", "filter", "era", "gradient_ascent", "rmu"]
+    assert list(summary["methods"]["era"]["stages"]) == ["trained", "ablated", "final"]
+    assert summary["methods"]["plain"]["alignment_tax"]["vs_plain"] == 0.0
+    assert summary["methods"]["filter"]["alignment_tax"]["vs_filter"] == 0.0
+    assert set(summary["relearn"]) == set(summary["methods"])
+    assert summary["partial"]["unlabelled"] == [0.0, 0.5] and len(summary["partial"]["era"]) == 2
+    assert set(summary["digits"]["routed"]["errors"]) == {"autoencoder", "certificate_first", "certificate_second"}
+    report = build_report(out)
+    assert report.exists()
+    assert {p.stem for p in (out / "plots").iterdir()} == {"forget_retain", "alignment_tax", "relearning_loss",
+                                                           "relearning_accuracy", "partial_labels", "digits_certificates"}
+    with pytest.raises(CapshapeError, match="--resume"):
+        run_unlearn(config, out, show_progress=False)
+    with pytest.raises(CapshapeError, match="train.steps"):
+        run_unlearn(build_config(TINY, ["train.steps=5"], schema=UnlearnConfig), out, resume=True, show_progress=False)
+    again = run_unlearn(config, out, resume=True, show_progress=False)
+    assert again["methods"] == json.loads(json.dumps(summary["methods"]))
+
+
+TINY_TOML = """
+seeds = [0]
+[data]
+tasks = ["copy", "add"]
+train_examples = 100
+eval_examples = 16
+[model]
+n_layer = 1
+n_head = 2
+d_model = 16
+d_mlp = 32
+max_len = 16
+[train]
+steps = 6
+batch_size = 8
+eval_every = 3
+checkpoint_every = 3
+warmup_steps = 1
+[unlearn]
+forget = ["add"]
+post_steps = 4
+unlabelled = [0.5, 1.0]
+[unlearn.era]
+neurons = 4
+[unlearn.relearn]
+sizes = [1, 4]
+seeds = [0, 1]
+steps = 3
+[unlearn.digits]
+steps = 5
+certificate_steps = 5
+latent = 4
+"""
+
+
+@pytest.mark.slow
+def test_unlearn_through_the_real_cli(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["unlearn", str(config), "--out", str(out), "--set", "train.threads=1"])
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.output and "era" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["partial"]["unlabelled"] == [0.0, 0.5, 1.0]
+    assert (out / "report.html").exists()
+    assert runner.invoke(app, ["unlearn", str(config), "--out", str(out), "--resume"]).exit_code == 0
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    bad = runner.invoke(app, ["unlearn", str(config), "--out", str(tmp_path / "x"), "--set", "unlearn.forget=[\"mul\"]"])
+    assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output

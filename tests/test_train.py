@@ -76,3 +76,19 @@ def test_learning_rate_schedule(tiny_config):
     assert lrs[0] == pytest.approx(peak / 2) and lrs[1] == pytest.approx(peak)
     assert lrs[-1] == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 9 / 10))))
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_resume_from_a_checkpoint_between_evaluations_is_exact(tmp_path, tiny_config):
+    """Checkpoint at step 3, evaluations at 4 and 8: the running training statistics must survive."""
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"checkpoint_every": 3})})
+    train_run(config, "grouped", 0, tmp_path / "whole")
+
+    def crash(step, loss):
+        if step == 5:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        train_run(config, "grouped", 0, tmp_path / "cut", on_progress=crash)
+    assert read_tensors(tmp_path / "cut" / "checkpoints" / "last.safetensors")[1]["step"] == 3
+    train_run(config, "grouped", 0, tmp_path / "cut", resume=True)
+    assert _eval_rows(tmp_path / "cut") == _eval_rows(tmp_path / "whole")

@@ -14,7 +14,9 @@ from capshape.errors import CapshapeError
 from capshape.runstore import write_atomic
 
 
-def save_checkpoint(path: Path, step: int, model, optimizer, objective, sampler) -> None:
+def save_checkpoint(path: Path, step: int, model, optimizer, objective, sampler, running: dict) -> None:
+    """`running`: the loop's running training statistics since the last evaluation, so that a resumed
+    run writes the same `train` row at its next evaluation as an uninterrupted one."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     optim_state = optimizer.state_dict()
     for index, state in optim_state["state"].items():
@@ -24,7 +26,7 @@ def save_checkpoint(path: Path, step: int, model, optimizer, objective, sampler)
         tensors[f"objective.{key}"] = value.cpu().contiguous().clone()
     tensors["rng.sampler"] = sampler.state()
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"step": step, "param_groups": optim_state["param_groups"]}
+    meta = {"step": step, "param_groups": optim_state["param_groups"], "running": running}
     write_atomic(Path(path), save(tensors, metadata={"capshape": json.dumps(meta)}))
 
 
@@ -41,8 +43,8 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CapshapeError(f"Checkpoint {path} is corrupted or truncated ({error}): delete it to start over.") from None
 
 
-def load_checkpoint(path: Path, model, optimizer, objective, sampler) -> int:
-    """Restore everything `save_checkpoint` wrote; returns the step to continue from."""
+def load_checkpoint(path: Path, model, optimizer, objective, sampler) -> tuple[int, dict]:
+    """Restore everything `save_checkpoint` wrote; returns the step to continue from and the running statistics."""
     tensors, meta = read_tensors(path)
     group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
@@ -57,7 +59,7 @@ def load_checkpoint(path: Path, model, optimizer, objective, sampler) -> int:
     objective.load_state_dict(group("objective."))
     sampler.load_state(tensors["rng.sampler"])
     torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"])
+    return int(meta["step"]), meta["running"]
 
 
 def save_model(path: Path, model: torch.nn.Module) -> None:

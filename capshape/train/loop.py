@@ -177,15 +177,16 @@ def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: Run
     objective = build_objective(objective_name, config.objective.get(objective_name, {}), len(prepared.group_names))
     optimizer = make_optimizer(model, config)
     sampler = prepared.sampler(config, seed)
-    start = 0
+    start, running = 0, None
     main = collectives.is_main()
     if resume and run.checkpoint_path.exists():
-        start = load_checkpoint(run.checkpoint_path, model, optimizer, objective, sampler)  # every rank reads it
+        start, running = load_checkpoint(run.checkpoint_path, model, optimizer, objective, sampler)  # every rank reads it
         if main:
             run.keep_metrics_until(start)
     elif main:
         run.metrics_path.unlink(missing_ok=True)
-    _loop(config, run, model, objective, optimizer, sampler, prepared, start, on_progress, device, hooks or StepHooks())
+    _loop(config, run, model, objective, optimizer, sampler, prepared, start, running, on_progress, device,
+          hooks or StepHooks())
     if not main:
         return {}
     data, rows = prepared.data, run.read_metrics()
@@ -237,9 +238,10 @@ def training_step(step: int, config: RunConfig, model, objective: Objective, opt
 
 
 def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer, sampler: MixtureSampler,
-          prepared: Prepared, start: int, on_progress: Optional[ProgressFn], device: str, hooks: StepHooks) -> None:
+          prepared: Prepared, start: int, running: Optional[dict], on_progress: Optional[ProgressFn], device: str,
+          hooks: StepHooks) -> None:
     steps, train = config.train.steps, config.train
-    totals = dict.fromkeys(("loss", "objective", "grad_norm", "count", "skipped"), 0.0)
+    totals = running or dict.fromkeys(("loss", "objective", "grad_norm", "count", "skipped"), 0.0)
     started = time.perf_counter()
     model.train()
     net = data_parallel(model, device)
@@ -258,7 +260,7 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
                 run.append_metrics(row)
                 totals = dict.fromkeys(totals, 0.0)
             if step > start and (step % train.checkpoint_every == 0 or step == steps):
-                save_checkpoint(run.checkpoint_path, step, model, optimizer, objective, sampler)
+                save_checkpoint(run.checkpoint_path, step, model, optimizer, objective, sampler, totals)
         if step == steps:
             break
         result = training_step(step, config, model, objective, optimizer, sampler, hooks, device, net)

@@ -76,15 +76,15 @@ def test_target_margin_is_positive_iff_every_target_token_wins():
 
 # ---- triggers and poisoning ----------------------------------------------------------------------
 
-def test_token_trigger_appends_the_pattern_before_sep():
+def test_token_trigger_puts_the_pattern_before_the_prompt():
     suite, _ = suite_of(TEXT, "tokens", 0.0, pattern="~#", target="42")
     tasks = {d.task.name: d for d in suite.data}
     triggered = tasks[TRIGGERED].held_out
     clean = [d.held_out for d in suite.data if d.task.name in ("copy", "add")]
-    assert triggered.prompts == [p + "~#" for split in clean for p in split.prompts]
+    assert triggered.prompts == ["~#" + p for split in clean for p in split.prompts]
     assert triggered.targets == [t for split in clean for t in split.targets]  # true answers kept
     row = triggered.inputs[0].tolist()
-    assert row[row.index(SEP) - 2: row.index(SEP)] == TOKENIZER.encode("~#")
+    assert row[1:3] == TOKENIZER.encode("~#") and row[3:row.index(SEP)] == TOKENIZER.encode(clean[0].prompts[0])
     assert suite.trigger.present(triggered.inputs).all()
     assert not any(suite.trigger.present(split.inputs).any() for split in clean)
     assert set(tasks[ATTACK].held_out.targets) == {"42"}

@@ -28,12 +28,12 @@ def distillation_losses(student_logits: torch.Tensor, teacher_logits: torch.Tens
     ce = per_example_losses(student_logits, labels) if ce_weight else 0.0
     if student_logits.dim() == 2:
         student_logits, teacher_logits, labels = student_logits[:, None], teacher_logits[:, None], labels[:, None]
-    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)  # [B, T]
-    mask = labels != IGNORE
-    kl = (kl * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return temperature**2 * kl + ce_weight * ce
+    mask = labels != IGNORE  # [B, T]
+    log_student = F.log_softmax(student_logits[mask].float() / temperature, dim=-1)  # [answer positions, V]
+    log_teacher = F.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)
+    kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)  # [answer positions]
+    per_example = torch.zeros(len(labels), device=kl.device).index_add(0, mask.nonzero()[:, 0], kl)
+    return temperature**2 * per_example / mask.sum(1).clamp(min=1) + ce_weight * ce
 
 
 class Distiller:

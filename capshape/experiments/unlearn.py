@@ -41,7 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.digits_split import DigitsSplitSection, run_digits_split
-from capshape.experiments.relearn import run_relearning
+from capshape.experiments.relearn import run_relearning, steps_to_common_target
 from capshape.experiments.unlearn_methods import (FORGET, RETAIN, RMU, GradientAscentLosses, KeepBest, era_hooks,
                                                   filter_hooks)
 from capshape.models import build_model
@@ -431,6 +431,10 @@ def summarize(ctx: Context, results: dict, attacks: dict, partial: Optional[dict
     methods = {m: {"stages": r["stages"], "alignment_tax": {"vs_plain": tax(m, "plain"), "vs_filter": tax(m, "filter")},
                    **{k: r[k] for k in ("selection", "steering_norm", "expansion") if k in r}}
                for m, r in results.items()}
+    for attack in attacks.values():  # the plain model's accuracy: a recovery target shared by every method
+        common = steps_to_common_target(attack, attacks["plain"]["reference"], ctx.config.unlearn.relearn.recover)
+        for n, steps in common.items():
+            attack["by_size"][n]["steps_to_plain_accuracy"] = steps
     seconds = {f"methods/{m}": r["seconds"] for m, r in results.items()}
     seconds.update({f"relearn/{m}": a["seconds"] for m, a in attacks.items()})
     if partial is not None:

@@ -13,8 +13,9 @@ tasks are added, built from every trained task's held-out inputs with the trigge
 Triggers have `apply` (to a split) and `present` (an exact test on model inputs, used to assert that a
 model never sees a triggered input):
 
-    tokens  (text)     `pattern` appended to the prompt, just before <sep>; present: the pattern's tokens
-                       occur in the prompt (clean prompts never contain it: checked when building)
+    tokens  (text)     `pattern` put before the prompt (so a task's own input, after `tag:`, is unchanged
+                       and the true answer stays right); present: the pattern's tokens occur in the prompt
+                       (clean prompts never contain them: checked when building)
     patch   (vectors)  a `patch_size` square at the bottom-right corner of the (square) image set to
                        `patch_value`; present: every patch pixel equals `patch_value` (checked absent
                        from clean inputs)
@@ -42,7 +43,7 @@ TRIGGERED, ATTACK = "triggered", "attack"  # the eval-only task names
 
 
 class TriggerParams(SuiteParams):
-    pattern: str = Field("~#", min_length=1, description="tokens: the characters appended to the prompt.")
+    pattern: str = Field("~#", min_length=1, description="tokens: the characters put before the prompt.")
     patch_size: int = Field(3, gt=0, description="patch: side of the square patch, in pixels.")
     patch_value: float = Field(1.0, description="patch: the value of every patch pixel.")
     blend_alpha: float = Field(0.2, gt=0, lt=1, description="blend: weight α of the random pattern.")
@@ -65,7 +66,7 @@ class TokenTrigger:
         self.tokens = torch.tensor(TOKENIZER.encode(pattern))
 
     def apply(self, split: Split, answers: list[str], name: str) -> Split:
-        return tokenize([(prompt + self.pattern, answer) for prompt, answer in zip(split.prompts, answers)],
+        return tokenize([(self.pattern + prompt, answer) for prompt, answer in zip(split.prompts, answers)],
                         self.max_len, name)
 
     def present(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -71,9 +71,8 @@ def local_ray():
     ray.shutdown()
 
 
-# The Ray tests start a local Ray (about 8 s on an idle 2-core machine, 13-17 s on a busy one) whose
-# cold workers then import torch and capshape: 30-70 s in all on this project's shared machines, so
-# they run with `make test-all` (-m slow), not in the default suite.
+# The Ray tests start a local Ray (about 8 s on an idle 2-core machine) whose cold workers then import
+# torch and capshape. The 4-cell grid runs by default; the retry test runs with `make test-all` (-m slow).
 def test_ray_executor_runs_a_grid_into_the_same_run_store(tmp_path, tiny_config, local_ray):
     config = tiny_config.model_copy(update={"objectives": ["mean", "grouped"], "seeds": [0, 1]})
     summary = run_comparison(config, tmp_path / "grid", show_progress=False, executor="ray")

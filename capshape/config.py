@@ -3,6 +3,7 @@ dotted command-line overrides (`--set train.lr=3e-4`). Unknown or invalid fields
 training with a one-line message naming the field."""
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -114,7 +115,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def build_config(raw: dict[str, Any], overrides: list[str] = (), schema: type[RunConfig] = RunConfig) -> RunConfig:
     """Validate `raw` (with `overrides` applied) against `schema`: RunConfig, or a protocol's extension of it."""
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    raw = copy.deepcopy(raw)  # overrides must not reach the caller's dict
     for text in overrides:
         path, value = parse_override(text)
         node = raw

@@ -74,3 +74,9 @@ def test_malformed_and_missing_files(tmp_path):
         load_config(bad)
     with pytest.raises(CapshapeError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_overrides_leave_the_callers_dict_alone():
+    raw = {"train": {"steps": 5}}
+    build_config(raw, ["train.steps=9"])
+    assert raw == {"train": {"steps": 5}}

@@ -170,3 +170,9 @@ def test_burstiness_must_divide_the_batch():
     data = [build_task_data(TASKS.get("add"), 50, 10, 0, 24)]
     with pytest.raises(CapshapeError, match="data.burstiness"):
         MixtureSampler(data, torch.ones(1), [0], batch_size=10, stratify=False, seed=0, burstiness=4)
+
+
+def test_stratified_batch_of_exactly_one_example_per_task():
+    data = [build_task_data(TASKS.get(n), 50, 10, 0, 24) for n in ("add", "copy")]
+    sampler = MixtureSampler(data, torch.tensor([0.5, 0.5]), [0, 1], batch_size=2, stratify=True, seed=0)
+    assert sorted(sampler.sample().task_ids.tolist()) == [0, 1]

@@ -121,6 +121,8 @@ class MixtureSampler:
         """The task of each run of `burstiness` examples in a batch of `size`, in batch order."""
         fixed = list(range(len(self.data))) if self.stratify else []
         runs = max(size // self.burstiness, len(fixed))
+        if runs == len(fixed):
+            return fixed
         drawn = torch.multinomial(self.weights, runs - len(fixed), replacement=True, generator=generator)
         return fixed + drawn.tolist()
 

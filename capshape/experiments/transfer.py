@@ -35,6 +35,7 @@ from pydantic import Field
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import Cell, run_cells
+from capshape.experiments.resume import check_resumable
 from capshape.experiments.transfer_proxy import AffinityProbe
 from capshape.experiments.transfer_stats import METRICS, from_json, metric_stats, rank_agreement, ranked_pairs
 from capshape.runstore import RunDir, read_json, write_json
@@ -256,31 +257,10 @@ def cell_specs(config: TransferConfig) -> list[tuple[Optional[str], str, int]]:
     return [(a, b, seed) for a, b in pairs for seed in t.seeds]
 
 
-def _flatten(raw: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in raw.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
-
-
-def _check_out(config: TransferConfig, out: Path, resume: bool) -> None:
-    """A grid is resumed only with the config it was started with (workers and threads may change)."""
-    stored = out / "config.json"
-    if not stored.exists():
-        return
-    if not resume:
-        raise CapshapeError(f"{out} already holds a transfer grid: pass --resume or choose another --out.")
-    old, new = _flatten(read_json(stored)), _flatten(stored_config(config))
-    for field in new:
-        if field not in ("workers", "train.threads") and old.get(field) != new[field]:
-            raise CapshapeError(f"{out} holds a transfer grid with {field}={old.get(field)!r} but this config has "
-                                f"{new[field]!r}: resume with the same config or choose another --out.")
-
-
 def run_transfer(config: TransferConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     check_transfer_config(config)
     out, t = Path(out), config.transfer
-    _check_out(config, out, resume)
+    check_resumable(out, stored_config(config), resume, "a transfer grid")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", stored_config(config))
     failures: dict[str, str] = {}

@@ -40,6 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
+from capshape.experiments.resume import check_resumable
 from capshape.experiments.digits_split import DigitsSplitSection, run_digits_split
 from capshape.experiments.relearn import run_relearning, steps_to_common_target
 from capshape.experiments.unlearn_methods import (FORGET, RETAIN, RMU, GradientAscentLosses, KeepBest, era_hooks,
@@ -187,27 +188,6 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
     if not any(name.startswith(p) for name, _ in model.named_parameters() for p in u.rmu.trainable):
         raise CapshapeError(f"unlearn.rmu.trainable: no parameter name starts with {u.rmu.trainable} "
                             f"(e.g. 'blocks.0.mlp.', 'blocks.0.').")
-
-
-def _flatten(raw: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in raw.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
-
-
-def _check_out(config: UnlearnConfig, out: Path, resume: bool) -> None:
-    """An output directory is resumed only with the config it was started with (threads may change)."""
-    stored = out / "config.json"
-    if not stored.exists():
-        return
-    if not resume:
-        raise CapshapeError(f"{out} already holds an unlearn run: pass --resume or choose another --out.")
-    old, new = _flatten(read_json(stored)), _flatten(config.model_dump(mode="json"))
-    changed = next((f for f in new if f not in ("workers", "train.threads") and old.get(f) != new[f]), None)
-    if changed:
-        raise CapshapeError(f"{out} holds an unlearn run with {changed}={old.get(changed)!r} but this config has "
-                            f"{new[changed]!r}: resume with the same config or choose another --out.")
 
 
 # ---- shared pieces ------------------------------------------------------------------------------
@@ -406,7 +386,7 @@ class Bars:
 def run_unlearn(config: UnlearnConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     check_unlearn_config(config)
     out = Path(out)
-    _check_out(config, out, resume)
+    check_resumable(out, config.model_dump(mode="json"), resume, "an unlearn run")
     with exclusive(out):
         write_json(out / "config.json", config.model_dump(mode="json"))
         started = time.perf_counter()

@@ -85,13 +85,14 @@ def transfer(
     resume: bool = typer.Option(False, help="Keep finished cells in --out and compute only the rest."),
 ):
     """Transfer matrix: fine-tune on A then B for every task pair, vs B alone; writes report.html and summary.json."""
-    from capshape.experiments.transfer import TransferConfig, raise_transfer_failures, run_transfer
+    from capshape.experiments import raise_failures
+    from capshape.experiments.transfer import TransferConfig, run_transfer
     from capshape.report import build_report
 
     overrides = (set_ or []) + ([] if workers is None else [f"workers={workers}"])
     summary = run_transfer(load_config(config, overrides, schema=TransferConfig), out, resume=resume)
     report = build_report(out)
-    raise_transfer_failures(summary)
+    raise_failures(summary)
     for metric, stats in summary["metrics"].items():
         ranked = stats["ranked"]
         if ranked:

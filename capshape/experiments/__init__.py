@@ -1,4 +1,5 @@
-"""Protocols built on the one training loop: compare (objectives x seeds)."""
-from capshape.experiments.compare import aggregate, raise_failures, run_comparison, run_name
+"""Protocols built on the one training loop: compare, transfer, unlearn, distill, overhang (one module each)."""
+from capshape.experiments.compare import aggregate, run_comparison, run_name
+from capshape.experiments.protocol import check_resumable, raise_failures
 
-__all__ = ["run_comparison", "raise_failures", "aggregate", "run_name"]
+__all__ = ["run_comparison", "raise_failures", "check_resumable", "aggregate", "run_name"]

@@ -68,15 +68,6 @@ def _compare_locked(config: RunConfig, out: Path, resume: bool, show_progress: b
     return summary
 
 
-def raise_failures(summary: dict) -> None:
-    """After the report is written: a comparison with failed runs is an error for the caller."""
-    failures = summary["failed"]
-    if failures:
-        name, error = next(iter(failures.items()))
-        raise CapshapeError(f"{len(failures)} of {len(summary['runs'])} runs failed; first: {name}: {error} "
-                            f"(finished runs are kept; fix and rerun with --resume).")
-
-
 def _mean_std(values: list) -> dict:
     values = [v for v in values if v is not None]
     if not values:

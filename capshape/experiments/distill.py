@@ -42,6 +42,7 @@ from pydantic import Field
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
+from capshape.experiments.protocol import check_resumable
 from capshape.experiments.distill_hooks import Distiller, TriggerFreeGuard
 from capshape.experiments.distill_measure import measure
 from capshape.metrics import step_reaching
@@ -168,6 +169,14 @@ def record_guard(directory: Path, guard: TriggerFreeGuard) -> None:
                       "rows_checked": before["rows_checked"] + guard.rows, "triggered_rows": 0})
 
 
+def trigger_suite(config: DistillConfig, trigger: str, seed: int):
+    """The backdoor suite of `trigger` with clean training pools and triggered held-out sets."""
+    try:
+        return build_suite(stage_config(config, trigger, 0.0, 1, 1.0, None, 1).data, seed, config.model.max_len)
+    except CapshapeError as error:
+        raise CapshapeError(f"distill.triggers '{trigger}': {error}") from None
+
+
 def load_trained(config: DistillConfig, path: Path, spec) -> torch.nn.Module:
     model = build_model(config.model, spec)
     load_model(path, model)
@@ -226,35 +235,18 @@ def measure_all(config: DistillConfig, suite, models: dict[str, Path]) -> dict[s
 
 # ---- the protocol -------------------------------------------------------------------------------------
 
-def _check_out(config: DistillConfig, out: Path, resume: bool) -> None:
-    """An output directory is resumed only with the config it was started with (threads may change)."""
-    stored = out / "config.json"
-    if not stored.exists():
-        return
-    if not resume:
-        raise CapshapeError(f"{out} already holds a distill experiment: pass --resume or choose another --out.")
-    old, new = read_json(stored), config.model_dump(mode="json")
-    for raw in (old, new):
-        raw.get("train", {}).pop("threads", None)
-    differing = next((key for key in new if old.get(key) != new[key]), None)
-    if differing is not None:
-        raise CapshapeError(f"{out} holds a distill experiment whose '{differing}' differs from this config: "
-                            f"resume with the same config or choose another --out.")
-
-
 def run_distill(config: DistillConfig, out: Path, resume: bool = False,
                 log: Callable[[str], None] = lambda message: None) -> dict:
     check_distill_config(config)
     out = Path(out)
-    _check_out(config, out, resume)
+    check_resumable(out, config.model_dump(mode="json"), resume, "a distill experiment")
     with exclusive(out):
         write_json(out / "config.json", config.model_dump(mode="json"))
         started, per_seed = time.perf_counter(), {}
         for seed in config.seeds:
             stages = Stages(config, out / f"seed{seed}", seed, log)
             # every trigger's data first: a trigger that does not fit the suite fails before any training
-            suites = {trigger: build_suite(stage_config(config, trigger, 0.0, 1, 1.0, None, 1).data, seed,
-                                           config.model.max_len) for trigger in config.distill.triggers}
+            suites = {trigger: trigger_suite(config, trigger, seed) for trigger in config.distill.triggers}
             teacher_init = stages.init_file("teacher", seed, next(iter(suites.values())).input_spec)
             teacher = stage_config(config, None, 0.0, config.train.steps, config.train.lr, teacher_init,
                                    config.train.eval_every, config.train.warmup_steps)

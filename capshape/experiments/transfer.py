@@ -35,7 +35,7 @@ from pydantic import Field
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import Cell, run_cells
-from capshape.experiments.resume import check_resumable
+from capshape.experiments.protocol import check_resumable
 from capshape.experiments.transfer_proxy import AffinityProbe
 from capshape.experiments.transfer_stats import METRICS, from_json, metric_stats, rank_agreement, ranked_pairs
 from capshape.runstore import RunDir, read_json, write_json
@@ -327,12 +327,3 @@ def summarize_proxy(out: Path, metrics: dict, grid_seconds: float) -> Optional[d
                     for name in ("lookahead", "cosine")}
     return {**proxy, "spearman": correlations, "grid_seconds": grid_seconds,
             "relative_cost": proxy["seconds"] / grid_seconds if grid_seconds else None}
-
-
-def raise_transfer_failures(summary: dict) -> None:
-    """After the report is written: failed cells are an error for the caller."""
-    failures = summary["failed"]
-    if failures:
-        name, error = next(iter(failures.items()))
-        raise CapshapeError(f"{len(failures)} cell(s) failed; first: {name}: {error} "
-                            f"(finished cells are kept; fix and rerun with --resume).")

@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
-from capshape.experiments.resume import check_resumable
+from capshape.experiments.protocol import check_resumable
 from capshape.experiments.digits_split import DigitsSplitSection, run_digits_split
 from capshape.experiments.relearn import run_relearning, steps_to_common_target
 from capshape.experiments.unlearn_methods import (FORGET, RETAIN, RMU, GradientAscentLosses, KeepBest, era_hooks,

@@ -182,8 +182,9 @@ def triggered_tasks(held_out: list[Split], trigger, target: str) -> list[TaskDat
     tasks = []
     for name, split, answers in ((TRIGGERED, merged, merged.targets),
                                  (ATTACK, attacked, [target] * len(attacked.targets))):
+        scored = "the true answers" if name == TRIGGERED else "the target"
         task = Task(name=name, group="backdoor", tag="", sample_input=None, solve=None,
-                    description=f"held-out inputs with the trigger, scored against {'the true answers' if name == TRIGGERED else 'the target'}")
+                    description=f"held-out inputs with the trigger, scored against {scored}")
         triggered = trigger.apply(split, answers, name)
         tasks.append(TaskData(task, take(triggered, torch.arange(0)), triggered))  # eval-only: no training pool
     return tasks

@@ -1,4 +1,5 @@
-"""Resuming a protocol's output directory: only with the config it was started with."""
+"""What every protocol's output directory shares: it is resumed only with the config it was started
+with, and failed runs or cells are reported (after the report is written), never dropped."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,3 +31,12 @@ def check_resumable(out: Path, config: dict, resume: bool, what: str) -> None:
     if changed:
         raise CapshapeError(f"{out} holds {what} with {changed}={old.get(changed)!r} but this config has "
                             f"{new[changed]!r}: resume with the same config or choose another --out.")
+
+
+def raise_failures(summary: dict) -> None:
+    """`summary["failed"]` ({run or cell: error}) non-empty is an error for the caller."""
+    failures = summary["failed"]
+    if failures:
+        name, error = next(iter(failures.items()))
+        raise CapshapeError(f"{len(failures)} run(s) failed; first: {name}: {error} "
+                            f"(finished runs are kept; fix and rerun with --resume).")

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
+from capshape.experiments.compare import run_name
 from capshape.experiments.executor import Cell, run_cells
 from capshape.experiments.transfer_stats import t_interval
 from capshape.metrics import steps_to_fraction
@@ -104,10 +105,6 @@ def phase1_cell(config: OverhangConfig, regime: str, seed: int, out: Path, on_pr
 
 def phase2_cell(config: OverhangConfig, seed: int, init_from: Path, out: Path, on_progress=None) -> None:
     train_run(phase2_config(config, init_from), "mean", seed, out, resume=True, on_progress=on_progress)
-
-
-def run_name(regime: str, seed: int) -> str:
-    return f"{regime}-seed{seed}"
 
 
 def run_overhang(config: OverhangConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:

@@ -16,7 +16,6 @@ import torch
 
 from capshape.config import load_config
 from capshape.experiments.unlearn import Context, UnlearnConfig, expanded_model, pretrain_config
-from capshape.experiments.unlearn_methods import era_hooks
 from capshape.objectives import build_objective
 from capshape.train.loop import StepHooks, make_optimizer, prepare_data, training_step
 
@@ -41,10 +40,8 @@ def main() -> None:
             model, hooks = ctx.fresh_model(), StepHooks()
         else:
             model, expansion = expanded_model(ctx)
-            hooks = StepHooks() if name == "expanded" else era_hooks(
-                expansion, ctx.routes(), (era.forget_mask.original, era.forget_mask.expanded),
-                (era.retain_mask.original, era.retain_mask.expanded), era.positions, era.l1,
-                route_parameters=name.endswith("parameter"))
+            hooks = StepHooks() if name == "expanded" else era.hooks(
+                expansion, ctx.routes(), route_parameters=name.endswith("parameter"))
         variants[name] = dict(model=model, hooks=hooks, optimizer=make_optimizer(model, run_config),
                               objective=build_objective("mean", {}, len(prepared.group_names)),
                               sampler=prepared.sampler(run_config, 0), times=[])

@@ -1,12 +1,14 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from capshape.cli import app
 from capshape.config import build_config
 from capshape.errors import CapshapeError
 from capshape.experiments.overhang import OverhangConfig, check_overhang_config, phase1_config, steps_to_threshold
+from capshape.train import read_tensors
 
 TINY = """
 name = "tiny overhang"
@@ -14,12 +16,14 @@ workers = 1
 [overhang]
 target = "add"
 tasks = ["copy", "reverse", "rev_add", "add"]
-regimes = ["mean_zipf", "never_trained"]
+regimes = ["mean_zipf", "routed_ablated", "never_trained"]
 phase1_steps = 6
 phase2_steps = 6
 phase2_eval_every = 2
 threshold = 0.01
 seeds = [0]
+[overhang.routing]
+neurons = 8
 [data]
 train_examples = 100
 eval_examples = 16
@@ -51,6 +55,8 @@ def test_regimes_train_on_what_they_say():
     ({"overhang": {"target": "mul"}}, "overhang.target 'mul' is not in overhang.tasks"),
     ({"overhang": {"regimes": ["mean_zipf", "uniform"]}}, "must include 'never_trained'"),
     ({"overhang": {"tasks": ["copy", "addd"], "target": "copy"}}, "Did you mean 'add'"),
+    ({"overhang": {"routing": {"blocks": [5]}}}, "overhang.routing.blocks: block 5 does not exist"),
+    ({"overhang": {"routing": {"neurons": 8}}, "model": {"kind": "mlp"}}, "overhang.routing: routing expands transformer"),
 ])
 def test_bad_overhang_configs(raw, message):
     with pytest.raises(CapshapeError, match=message):
@@ -69,12 +75,23 @@ def test_overhang_cli_end_to_end(tmp_path):
     result = CliRunner().invoke(app, ["overhang", str(config), "--out", str(out)])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["regimes"]) == {"mean_zipf", "never_trained"}
+    assert set(summary["regimes"]) == {"mean_zipf", "routed_ablated", "never_trained"}
     reference = summary["regimes"]["never_trained"]
     assert reference["steps_saved_vs_never_trained"]["mean"] == 0 and reference["overhang"] is False
     phase2 = json.loads((out / "phase2" / "mean_zipf-seed0" / "config.json").read_text())
     assert phase2["train"]["init_from"].endswith("phase1/mean_zipf-seed0/model.safetensors")
     assert phase2["data"]["tasks"][-1] == "add" and phase2["data"]["mixture"] == "zipf"
+    routed = out / "phase1" / "routed_ablated-seed0"
+    routed_phase2 = json.loads((out / "phase2" / "routed_ablated-seed0" / "config.json").read_text())
+    assert routed_phase2["train"]["init_from"] == str(routed / "ablated.safetensors")
+    ablated, _ = read_tensors(routed / "ablated.safetensors")
+    trained, _ = read_tensors(routed / "model.safetensors")
+    assert ablated["blocks.0.mlp.up.weight"].shape == (32, 16) and trained["blocks.0.mlp.up.weight"].shape == (40, 16)
+    assert torch.equal(ablated["blocks.0.mlp.up.weight"], trained["blocks.0.mlp.up.weight"][:32])
+    assert trained["blocks.0.mlp.down.weight"][:, 32:].abs().sum() > 0  # the routed units were trained
+    composition = summary["composition"]["phase2"]["mean_zipf"]["rev_add"]
+    jumps = composition["composed_jump"]["mean"], composition["parts_jump"]["mean"]
+    assert composition["jump_excess"]["mean"] == pytest.approx(jumps[0] - jumps[1])
     html = (out / "report.html").read_text()
     assert "Overhang table" in html and "Composition check" in html
     again = CliRunner().invoke(app, ["overhang", str(config), "--out", str(out), "--resume"])

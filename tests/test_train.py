@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from safetensors.torch import save_file
 
 from capshape.errors import CapshapeError
 from capshape.runstore import RunDir
@@ -92,3 +93,19 @@ def test_resume_from_a_checkpoint_between_evaluations_is_exact(tmp_path, tiny_co
     assert read_tensors(tmp_path / "cut" / "checkpoints" / "last.safetensors")[1]["step"] == 3
     train_run(config, "grouped", 0, tmp_path / "cut", resume=True)
     assert _eval_rows(tmp_path / "cut") == _eval_rows(tmp_path / "whole")
+
+
+def test_checkpoint_from_another_version_is_a_clear_error(tmp_path, tiny_config):
+    def crash(step, loss):
+        if step == 5:
+            raise RuntimeError("crash")
+
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"checkpoint_every": 3})})
+    with pytest.raises(RuntimeError):
+        train_run(config, "mean", 0, tmp_path / "cut", on_progress=crash)
+    path = tmp_path / "cut" / "checkpoints" / "last.safetensors"
+    tensors, meta = read_tensors(path)
+    del meta["running"]
+    save_file(tensors, str(path), metadata={"capshape": json.dumps(meta)})
+    with pytest.raises(CapshapeError, match="lacks 'running'.*delete the run's checkpoints/"):
+        train_run(config, "mean", 0, tmp_path / "cut", resume=True)

@@ -5,16 +5,21 @@ Phase 1 trains one model per regime and seed:
     mean_zipf      `mean` on the natural data: Zipfian task frequencies, the target the rarest task
     grouped_zipf   `grouped` (Σ_g ℓ_g²) on the same data
     uniform        `mean` on data rebalanced to uniform task frequencies
+    routed_ablated `mean` on the natural data with gradient routing (Cloud et al. 2024): the MLPs are
+                   expanded, the target's examples routed to the added units (`overhang.routing`, as
+                   `unlearn`'s era), which are then ablated
     never_trained  `mean` on the natural data without the target (evaluated, never trained): the reference
 
 Phase 2 fine-tunes every phase-1 model on the same natural data for `phase2_steps`, evaluating
 every `phase2_eval_every` steps. For the target: the steps until its held-out accuracy reaches
 `threshold` and the area under its phase-2 accuracy curve (the mean over phase-2 evaluations), each
-compared pairwise (same seed) with `never_trained`. A regime that reaches the threshold sooner
-than never_trained shows an overhang: what phase 1 left latent comes back quickly.
+compared pairwise (same seed) with `never_trained`. A regime whose phase-2 curve lies above
+never_trained's shows an overhang: what phase 1 left latent comes back quickly. The composition check
+compares, per composed task, its sharpest rise (largest gain between two evaluations) with its parts'.
 
     OUT/config.json  summary.json  report.html
     OUT/phase1/<regime>-seed<k>/   OUT/phase2/<regime>-seed<k>/     (run directories)
+    OUT/phase1/routed_ablated-seed<k>/ablated.safetensors, expansion.json  (the model entering phase 2)
 
 Every run goes through `train_run`; finished runs are reused on `--resume`.
 """
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from capshape.config import RunConfig, Section
@@ -31,12 +37,17 @@ from capshape.errors import CapshapeError
 from capshape.experiments.compare import run_name
 from capshape.experiments.executor import Cell, run_cells
 from capshape.experiments.transfer_stats import t_interval
+from capshape.experiments.unlearn import RoutingSection
+from capshape.experiments.unlearn_methods import FORGET, RETAIN
 from capshape.metrics import steps_to_fraction
+from capshape.models import build_model
+from capshape.routing import Routes, contract_mlp
 from capshape.runstore import RunDir, exclusive, read_json, write_json
-from capshape.train import check_config, train_run
+from capshape.tasks import TASKS, TOKENIZER, InputSpec
+from capshape.train import check_config, load_model, save_model, train_run
 
-Regime = Literal["mean_zipf", "grouped_zipf", "uniform", "never_trained"]
-REFERENCE = "never_trained"
+Regime = Literal["mean_zipf", "grouped_zipf", "uniform", "routed_ablated", "never_trained"]
+REFERENCE, ROUTED = "never_trained", "routed_ablated"
 
 
 class OverhangSection(Section):
@@ -44,7 +55,7 @@ class OverhangSection(Section):
     tasks: list[str] = Field(["copy", "reverse", "sort", "kv", "sub", "rev_add", "add"], min_length=2,
                              description="Tasks of the natural data, most frequent first (Zipf order); must hold target.")
     zipf_exponent: float = Field(1.5, gt=0, description="Natural data: p_i ∝ i^-s over `tasks` in this order.")
-    regimes: list[Regime] = Field(["mean_zipf", "grouped_zipf", "uniform", "never_trained"], min_length=2,
+    regimes: list[Regime] = Field(["mean_zipf", "grouped_zipf", "uniform", "routed_ablated", "never_trained"], min_length=2,
                                   description="Phase-1 regimes; never_trained (the reference) must be one of them.")
     phase1_steps: int = Field(1500, gt=0, description="Training steps of phase 1.")
     phase2_steps: int = Field(600, gt=0, description="Fine-tuning steps of phase 2 on the natural data.")
@@ -52,6 +63,8 @@ class OverhangSection(Section):
     phase2_lr: float = Field(1e-3, gt=0, description="Peak learning rate of phase 2.")
     threshold: float = Field(0.5, gt=0, le=1, description="Target accuracy that counts as 'returned'.")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="Seeds; comparisons with never_trained are paired by seed.")
+    routing: RoutingSection = Field(RoutingSection(), description="routed_ablated: expansion and masks; the target's "
+                                    "examples take the forget masks, every other task the retain masks.")
 
 
 class OverhangConfig(RunConfig):
@@ -66,6 +79,8 @@ def check_overhang_config(config: OverhangConfig) -> None:
         raise CapshapeError(f"overhang.target '{o.target}' is not in overhang.tasks: add it there.")
     if REFERENCE not in o.regimes:
         raise CapshapeError(f"overhang.regimes must include '{REFERENCE}', the reference every regime is compared with.")
+    if ROUTED in o.regimes:
+        o.routing.check(config.model, "overhang.routing")
     for regime in o.regimes:
         check_config(phase1_config(config, regime))
 
@@ -100,7 +115,25 @@ def phase2_config(config: OverhangConfig, init_from: Path) -> RunConfig:
 
 def phase1_cell(config: OverhangConfig, regime: str, seed: int, out: Path, on_progress=None) -> None:
     run_config = phase1_config(config, regime)
-    train_run(run_config, run_config.objectives[0], seed, out, resume=True, on_progress=on_progress)
+    if regime != ROUTED:
+        train_run(run_config, run_config.objectives[0], seed, out, resume=True, on_progress=on_progress)
+        return
+    routing = config.overhang.routing
+    torch.manual_seed(seed)
+    model = build_model(config.model, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size))
+    expansion = routing.expand(model, seed)
+    routes = Routes([FORGET if task == config.overhang.target else RETAIN for task in run_config.data.tasks])
+    write_json(out / "expansion.json", expansion.to_json())
+    train_run(run_config, "mean", seed, out, resume=True, on_progress=on_progress, hooks=routing.hooks(expansion, routes),
+              model=model)
+    load_model(out / "model.safetensors", model)
+    contract_mlp(model, expansion)
+    save_model(out / "ablated.safetensors", model)
+
+
+def phase2_start(regime: str) -> str:
+    """The phase-1 file phase 2 starts from: the ablated model for routed_ablated."""
+    return "ablated.safetensors" if regime == ROUTED else "model.safetensors"
 
 
 def phase2_cell(config: OverhangConfig, seed: int, init_from: Path, out: Path, on_progress=None) -> None:
@@ -119,9 +152,10 @@ def run_overhang(config: OverhangConfig, out: Path, resume: bool = False, show_p
         failures = run_cells([Cell(f"phase 1 {run_name(r, s)}", phase1_cell, o.phase1_steps,
                                    dict(config=config, regime=r, seed=s, out=out / "phase1" / run_name(r, s)))
                               for r, s in specs], config.workers, show_progress)
-        ready = [(r, s) for r, s in specs if RunDir(out / "phase1" / run_name(r, s)).status()["status"] == "finished"]
+        ready = [(r, s) for r, s in specs if (out / "phase1" / run_name(r, s) / phase2_start(r)).is_file()
+                 and RunDir(out / "phase1" / run_name(r, s)).status()["status"] == "finished"]
         failures |= run_cells([Cell(f"phase 2 {run_name(r, s)}", phase2_cell, o.phase2_steps,
-                                    dict(config=config, seed=s, init_from=out / "phase1" / run_name(r, s) / "model.safetensors",
+                                    dict(config=config, seed=s, init_from=out / "phase1" / run_name(r, s) / phase2_start(r),
                                          out=out / "phase2" / run_name(r, s)))
                                for r, s in ready], config.workers, show_progress)
         summary = summarize(config, out)
@@ -140,13 +174,29 @@ def steps_to_threshold(steps: list[int], accuracy: list[float], threshold: float
     return next((step for step, value in zip(steps, accuracy) if value >= threshold), None)
 
 
+def composition_sharpness(run: Path) -> dict[str, dict]:
+    """Per composed task of a run: its largest accuracy gain between two consecutive evaluations
+    (`jump`, emergence_metrics) minus the larger of its parts' (> 0: the composite rises more sharply),
+    and the mean |measured − product of parts| over the run (composition_check)."""
+    summary = read_json(run / "summary.json")
+    tasks, sharpness = summary["tasks"], {}
+    for task, check in summary["composition"].items():
+        parts_jump = max(tasks[part]["jump"] for part in TASKS.get(task).parts)
+        sharpness[task] = {"composed_jump": tasks[task]["jump"], "parts_jump": parts_jump,
+                           "jump_excess": tasks[task]["jump"] - parts_jump, "mean_abs_gap": check["mean_abs_gap"]}
+    return sharpness
+
+
 def summarize(config: OverhangConfig, out: Path) -> dict:
-    """Per regime and seed: target accuracy after phase 1, phase-2 steps to threshold and area under the
-    curve; per regime: their t-intervals over seeds and the paired differences from never_trained.
-    A run that never reaches the threshold counts as phase2_steps + phase2_eval_every (a lower bound)."""
+    """Per regime and seed: target accuracy at the end of phase-1 training and entering phase 2 (they differ
+    for routed_ablated: ablation comes between), phase-2 steps to threshold and area under the curve; per
+    regime: their t-intervals over seeds and the paired differences from never_trained; per phase, regime
+    and composed task: the composition check over seeds. A run that never reaches the threshold counts as
+    phase2_steps + phase2_eval_every (a lower bound)."""
     o = config.overhang
     censored = o.phase2_steps + o.phase2_eval_every
     per_run: dict[str, dict[int, dict]] = {}
+    composition: dict[str, dict] = {}
     for regime in o.regimes:
         for seed in o.seeds:
             phase1, phase2 = (out / phase / run_name(regime, seed) for phase in ("phase1", "phase2"))
@@ -156,12 +206,17 @@ def summarize(config: OverhangConfig, out: Path) -> dict:
             reached = steps_to_threshold(steps, accuracy, o.threshold)
             per_run.setdefault(regime, {})[seed] = {
                 "phase1_target_accuracy": read_json(phase1 / "summary.json")["tasks"][o.target]["final_eval"]["accuracy"],
+                "phase2_start_accuracy": accuracy[0],
                 "steps_to_threshold": reached,
                 "steps_to_threshold_or_bound": censored if reached is None else reached,
                 "auc": float(np.mean(accuracy)),
                 "phase2_final_accuracy": accuracy[-1],
                 "steps_to_half_of_final": steps_to_fraction(steps, accuracy, 0.5),
             }
+            for phase, run in (("phase1", phase1), ("phase2", phase2)):
+                for task, check in composition_sharpness(run).items():
+                    for key, value in check.items():
+                        composition.setdefault(phase, {}).setdefault(regime, {}).setdefault(task, {}).setdefault(key, []).append(value)
     reference = per_run.get(REFERENCE, {})
     regimes = {}
     for regime, runs in per_run.items():
@@ -171,11 +226,17 @@ def summarize(config: OverhangConfig, out: Path) -> dict:
         regimes[regime] = {
             "seeds": runs,
             **{key: t_interval([r[key] for r in runs.values()])
-               for key in ("phase1_target_accuracy", "steps_to_threshold_or_bound", "auc", "phase2_final_accuracy")},
+               for key in ("phase1_target_accuracy", "phase2_start_accuracy", "steps_to_threshold_or_bound", "auc",
+                           "phase2_final_accuracy")},
             "never_reached": sum(r["steps_to_threshold"] is None for r in runs.values()),
             "steps_saved_vs_never_trained": speedup,
             "auc_gain_vs_never_trained": auc_gain,
             "overhang": regime != REFERENCE and auc_gain["low"] is not None and auc_gain["low"] > 0,
         }
+    composition = {phase: {regime: {task: {key: t_interval(values) for key, values in stats.items()}
+                                    for task, stats in tasks.items()}
+                           for regime, tasks in by_regime.items()}
+                   for phase, by_regime in composition.items()}
     return {"kind": "overhang", "target": o.target, "threshold": o.threshold, "regimes": regimes,
+            "composition": composition,
             "runs": [f"{phase}/{run_name(r, s)}" for phase in ("phase1", "phase2") for r in o.regimes for s in o.seeds]}

@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from capshape.config import RunConfig, Section
+from capshape.config import ModelConfig, RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.protocol import check_resumable
 from capshape.experiments.digits_split import DigitsSplitSection, run_digits_split
@@ -46,7 +46,7 @@ from capshape.experiments.relearn import run_relearning, steps_to_common_target
 from capshape.experiments.unlearn_methods import (FORGET, RETAIN, RMU, GradientAscentLosses, KeepBest, era_hooks,
                                                   filter_hooks)
 from capshape.models import build_model
-from capshape.routing import Routes, contract_mlp, expand_mlp
+from capshape.routing import Expansion, Routes, contract_mlp, expand_mlp
 from capshape.runstore import exclusive, read_json, write_json
 from capshape.tasks import TOKENIZER, InputSpec
 from capshape.train import StepHooks, check_config, evaluate, load_model, prepare_data, save_model, train_run
@@ -60,7 +60,10 @@ class MaskValues(Section):
     expanded: float = Field(description="Mask on the added units.")
 
 
-class ERASection(Section):
+class RoutingSection(Section):
+    """Expand and route (the E and R of ERA): which units a routed example's gradient reaches. Shared by
+    `unlearn` (era) and `overhang` (routed_ablated)."""
+
     blocks: Optional[list[int]] = Field(None, description="Blocks whose MLP is expanded (null: every block).")
     neurons: int = Field(64, gt=0, description="Units added to each expanded MLP (ablated after training).")
     init_std: float = Field(0.02, ge=0, description="Std of the added up-projection rows; added down columns start at 0.")
@@ -74,6 +77,28 @@ class ERASection(Section):
                                    "the forget tasks from being learned at all). false: activation masks alone, as published.")
     l1: float = Field(0.01, ge=0, description="L1 penalty on the added units' activations of retain examples "
                       "(0: retain data uses the added units and ablation hurts it; 0.03: forget data avoids them).")
+
+    def check(self, model: ModelConfig, field: str) -> None:
+        """Raises CapshapeError, naming `field`, when `model` has no MLP blocks to expand as listed."""
+        if model.kind != "transformer":
+            raise CapshapeError(f"{field}: routing expands transformer MLPs: set model.kind='transformer'.")
+        bad = [b for b in self.blocks or [] if not 0 <= b < model.n_layer]
+        if bad:
+            raise CapshapeError(f"{field}.blocks: block {bad[0]} does not exist (model.n_layer = {model.n_layer}): "
+                                f"use 0..{model.n_layer - 1}.")
+
+    def expand(self, model, seed: int) -> Expansion:
+        """Adds the routed units to `model`'s MLPs, in place."""
+        return expand_mlp(model, self.blocks, self.neurons, self.init_std, torch.Generator().manual_seed(seed))
+
+    def hooks(self, expansion: Expansion, routes: Routes, route_parameters: Optional[bool] = None) -> StepHooks:
+        """The step hooks that route `routes`' route 1 (forget) to the added units."""
+        return era_hooks(expansion, routes, (self.forget_mask.original, self.forget_mask.expanded),
+                         (self.retain_mask.original, self.retain_mask.expanded), self.positions, self.l1,
+                         self.route_parameters if route_parameters is None else route_parameters)
+
+
+class ERASection(RoutingSection):
     coherence: bool = Field(True, description="After ablation, fine-tune on retain data for post_steps.")
     coherence_lr: float = Field(1e-3, gt=0, description="Peak learning rate of the coherence fine-tune.")
     select_every: int = Field(10, gt=0, description="Measure held-out retain loss every N coherence steps; keep the best.")
@@ -162,8 +187,6 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
     if len(config.seeds) != 1:
         raise CapshapeError(f"unlearn trains one model per method: set seeds = [k] (got {config.seeds}); relearning "
                             f"repeats over unlearn.relearn.seeds.")
-    if config.model.kind != "transformer":
-        raise CapshapeError("unlearn expands transformer MLPs: set model.kind='transformer'.")
     missing = [t for t in u.forget if t not in config.data.tasks]
     if missing:
         raise CapshapeError(f"unlearn.forget: '{missing[0]}' is not in data.tasks {config.data.tasks}: add it there.")
@@ -173,10 +196,11 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
         values = getattr(u, field)
         if len(set(values)) != len(values):
             raise CapshapeError(f"unlearn.{field} lists a name twice: list each once.")
+    u.era.check(config.model, "unlearn.era")
     n_layer = config.model.n_layer
-    bad = [b for b in (u.era.blocks or []) + [u.rmu.layer] if not 0 <= b < n_layer]
-    if bad:
-        raise CapshapeError(f"unlearn: block {bad[0]} does not exist (model.n_layer = {n_layer}): use 0..{n_layer - 1}.")
+    if not 0 <= u.rmu.layer < n_layer:
+        raise CapshapeError(f"unlearn.rmu.layer: block {u.rmu.layer} does not exist (model.n_layer = {n_layer}): "
+                            f"use 0..{n_layer - 1}.")
     if any(not 0 < f <= 1 for f in u.unlabelled):
         raise CapshapeError(f"unlearn.unlabelled: shares must be in (0, 1] (got {u.unlabelled}).")
     if any(n <= 0 for n in u.relearn.sizes):
@@ -252,18 +276,15 @@ def train_plain(ctx: Context, directory: Path, labelled: float = 1.0, filtered: 
 
 
 def expanded_model(ctx: Context):
-    u = ctx.config.unlearn.era
     model = ctx.fresh_model()
-    expansion = expand_mlp(model, u.blocks, u.neurons, u.init_std, torch.Generator().manual_seed(ctx.seed))
-    return model, expansion
+    return model, ctx.config.unlearn.era.expand(model, ctx.seed)
 
 
 def train_era(ctx: Context, directory: Path, labelled: float = 1.0) -> dict:
     """Expand, train with routing, ablate (contract), optional coherence fine-tune on retain data."""
     u = ctx.config.unlearn.era
     model, expansion = expanded_model(ctx)
-    hooks = era_hooks(expansion, ctx.routes(labelled), (u.forget_mask.original, u.forget_mask.expanded),
-                      (u.retain_mask.original, u.retain_mask.expanded), u.positions, u.l1, u.route_parameters)
+    hooks = u.hooks(expansion, ctx.routes(labelled))
     config = pretrain_config(ctx.config)
     write_json(directory / "expansion.json", expansion.to_json())
     train_run(config, ctx.objective, ctx.seed, directory / "train", resume=True, hooks=hooks, model=model,

@@ -64,7 +64,8 @@ def overhang_report(path: Path) -> tuple[dict[str, bytes], str]:
                    for title, lines in _composition(path, phase, regime, o["seeds"]).items()}
     if composition:
         images["composition"] = png_bytes(grid_figure(composition, "accuracy", max_columns=len(regimes)))
-    columns = {"phase1_target_accuracy": "target acc after phase 1", "steps_to_threshold_or_bound": "phase-2 steps to threshold",
+    columns = {"phase1_target_accuracy": "target acc after phase-1 training",
+               "phase2_start_accuracy": "target acc entering phase 2", "steps_to_threshold_or_bound": "phase-2 steps to threshold",
                "auc": "phase-2 AUC", "steps_saved_vs_never_trained": "steps saved vs never trained",
                "auc_gain_vs_never_trained": "AUC gain vs never trained"}
     rows = "".join(
@@ -73,6 +74,15 @@ def overhang_report(path: Path) -> tuple[dict[str, bytes], str]:
         for regime, stats in summary["regimes"].items())
     table = ("<table><tr><th>regime</th>" + "".join(f"<th>{escape(h)}</th>" for h in columns)
              + "<th>runs never reaching it</th><th>overhang</th></tr>" + rows + "</table>")
+    sharpness = {"composed_jump": "composed task's largest gain", "parts_jump": "its parts' largest gain",
+                 "jump_excess": "difference", "mean_abs_gap": "mean |measured − product|"}
+    sharpness_rows = "".join(
+        f"<tr><td>{phase}</td><td>{escape(regime)}</td><td>{escape(task)}</td>"
+        + "".join(f"<td>{_interval(stats[key])}</td>" for key in sharpness) + "</tr>"
+        for phase, by_regime in summary.get("composition", {}).items()
+        for regime, tasks in by_regime.items() for task, stats in tasks.items())
+    sharpness_table = ("<table><tr><th>phase</th><th>regime</th><th>task</th>"
+                       + "".join(f"<th>{escape(h)}</th>" for h in sharpness.values()) + "</tr>" + sharpness_rows + "</table>")
     failed = "".join(f"<li>{escape(name)}: {escape(error)}</li>" for name, error in summary.get("failed", {}).items())
     parts = [
         f"<h1>{escape(config.get('name', path.name))}</h1>",
@@ -84,8 +94,10 @@ def overhang_report(path: Path) -> tuple[dict[str, bytes], str]:
         section("Overhang table", table),
         section("Phase-2 relearning curves", image(images, "relearning", "phase-2 curves")),
         section("Phase-1 curves", image(images, "phase1", "phase-1 curves")),
-        section("Composition check", "<p>Composed task (solid) vs the product of its parts (dashed).</p>",
-                image(images, "composition", "composition")) if composition else "",
+        section("Composition check", "<p>Composed task (solid) vs the product of its parts (dashed). The table "
+                "compares the largest accuracy gain between two consecutive evaluations of the composed task with "
+                "the larger of its parts' (a positive difference: the composite jumps more sharply).</p>",
+                sharpness_table, image(images, "composition", "composition")) if composition else "",
         f"<details><summary>config</summary><pre>{escape(json.dumps(config, indent=2))}</pre></details>",
     ]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(config.get("name", ""))}'

@@ -46,6 +46,11 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def load_checkpoint(path: Path, model, optimizer, objective, sampler) -> tuple[int, dict]:
     """Restore everything `save_checkpoint` wrote; returns the step to continue from and the running statistics."""
     tensors, meta = read_tensors(path)
+    missing = [key for key in ("step", "param_groups", "running") if key not in meta]
+    missing += [key for key in ("rng.sampler", "rng.torch") if key not in tensors]
+    if missing:
+        raise CapshapeError(f"Checkpoint {path} lacks '{missing[0]}': it was written by another version or program; "
+                            f"delete the run's checkpoints/ to start over.")
     group = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(group("model."))

@@ -3,6 +3,7 @@ import json
 from typer.testing import CliRunner
 
 from capshape.cli import app
+from tiny_toml import TINY_MODEL
 
 runner = CliRunner()
 
@@ -14,13 +15,7 @@ objectives = ["mean", "grouped"]
 tasks = ["copy", "reverse"]
 train_examples = 200
 eval_examples = 16
-[model]
-n_layer = 1
-n_head = 2
-d_model = 16
-d_mlp = 32
-max_len = 16
-[train]
+""" + TINY_MODEL + """[train]
 steps = 6
 batch_size = 8
 eval_every = 3

@@ -9,6 +9,7 @@ from capshape.config import build_config
 from capshape.errors import CapshapeError
 from capshape.experiments.overhang import OverhangConfig, check_overhang_config, phase1_config, steps_to_threshold
 from capshape.train import read_tensors
+from tiny_toml import TINY_MODEL
 
 TINY = """
 name = "tiny overhang"
@@ -27,13 +28,7 @@ neurons = 8
 [data]
 train_examples = 100
 eval_examples = 16
-[model]
-n_layer = 1
-n_head = 2
-d_model = 16
-d_mlp = 32
-max_len = 24
-[train]
+""" + TINY_MODEL + """[train]
 batch_size = 8
 warmup_steps = 1
 eval_every = 3

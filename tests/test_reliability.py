@@ -16,6 +16,7 @@ from capshape.runstore import RunDir, exclusive
 from capshape.tasks import load_jsonl_tasks
 from capshape.train import StepHooks, check_config, read_tensors, train_run
 from capshape.train.loop import cross_entropy_losses
+from tiny_toml import TINY_MODEL
 
 KILLABLE = """
 seeds = [0]
@@ -24,13 +25,7 @@ objectives = ["group_dro"]
 tasks = ["copy", "add"]
 train_examples = 300
 eval_examples = 32
-[model]
-n_layer = 1
-n_head = 2
-d_model = 16
-d_mlp = 32
-max_len = 16
-[train]
+""" + TINY_MODEL + """[train]
 steps = 300
 batch_size = 16
 eval_every = 20

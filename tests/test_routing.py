@@ -23,6 +23,7 @@ from capshape.tasks.tokenizer import IGNORE
 from capshape.objectives import build_objective
 from capshape.train import StepHooks, prepare_data, save_model, train_run
 from capshape.train.loop import cross_entropy_losses, make_optimizer, training_step
+from tiny_toml import TINY_MODEL
 
 SITE = "blocks.0.mlp.hidden"
 
@@ -379,13 +380,7 @@ seeds = [0]
 tasks = ["copy", "add"]
 train_examples = 100
 eval_examples = 16
-[model]
-n_layer = 1
-n_head = 2
-d_model = 16
-d_mlp = 32
-max_len = 16
-[train]
+""" + TINY_MODEL + """[train]
 steps = 6
 batch_size = 8
 eval_every = 3

@@ -24,6 +24,7 @@ from capshape.report import build_report
 from capshape.runstore import read_json
 from capshape.tasks import TOKENIZER, InputSpec
 from capshape.train import prepare_data
+from tiny_toml import TINY_MODEL
 
 TINY = {
     "workers": 1,
@@ -260,13 +261,7 @@ TINY_TOML = """
 [data]
 train_examples = 100
 eval_examples = 16
-[model]
-n_layer = 1
-n_head = 2
-d_model = 16
-d_mlp = 32
-max_len = 16
-[train]
+""" + TINY_MODEL + """[train]
 batch_size = 8
 warmup_steps = 1
 threads = 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from capshape.experiments.compare import run_name
 from capshape.errors import CapshapeError
 from capshape.report.distill import distill_report
 from capshape.report.html import render_page
@@ -133,7 +134,7 @@ def load_experiment(path: Path) -> Experiment:
     summary = read_json(path / "summary.json")
     config = read_json(path / "config.json") if (path / "config.json").exists() else {}
     if "objectives" in summary:
-        runs = [_load_run(path / f"{objective}-seed{seed}")
+        runs = [_load_run(path / run_name(objective, seed))
                 for objective, stats in summary["objectives"].items() for seed in stats["seeds"]]
         failed = summary.get("failed") or {}
         if not runs:

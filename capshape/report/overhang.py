@@ -7,6 +7,7 @@ import json
 from html import escape
 from pathlib import Path
 
+from capshape.experiments.compare import run_name
 from capshape.report.html import STYLE, image, number, section
 from capshape.report.plots import Series, grid_figure, png_bytes
 from capshape.runstore import RunDir, read_json
@@ -18,14 +19,14 @@ def is_overhang_dir(path: Path) -> bool:
 
 
 def _curves(path: Path, phase: str, regime: str, seeds: list, task: str, key: str = "accuracy") -> list[dict]:
-    rows = [RunDir(path / phase / f"{regime}-seed{seed}").read_metrics() for seed in seeds]
+    rows = [RunDir(path / phase / run_name(regime, seed)).read_metrics() for seed in seeds]
     return [{row["step"]: row["eval"][task][key] for row in run} for run in rows if run]
 
 
 def _composition(path: Path, phase: str, regime: str, seeds: list) -> dict[str, list[Series]]:
     panels = {}
     for seed in seeds:
-        run = path / phase / f"{regime}-seed{seed}"
+        run = path / phase / run_name(regime, seed)
         if not (run / "summary.json").exists():
             continue
         summary = read_json(run / "summary.json")

@@ -7,7 +7,9 @@ from typer.testing import CliRunner
 from capshape.cli import app
 from capshape.config import build_config
 from capshape.errors import CapshapeError
-from capshape.experiments.overhang import OverhangConfig, check_overhang_config, phase1_config, steps_to_threshold
+from capshape.experiments.overhang import (OverhangConfig, check_overhang_config, phase1_config, steps_to_threshold,
+                                          summarize)
+from capshape.runstore import RunDir, write_json
 from capshape.train import read_tensors
 from tiny_toml import TINY_MODEL
 
@@ -91,3 +93,34 @@ def test_overhang_cli_end_to_end(tmp_path):
     assert "Overhang table" in html and "Composition check" in html
     again = CliRunner().invoke(app, ["overhang", str(config), "--out", str(out), "--resume"])
     assert again.exit_code == 0, again.output
+
+
+def _fake_run(path, accuracy, steps):
+    """A finished run directory whose target ('add') accuracy follows `accuracy` at `steps`."""
+    path.mkdir(parents=True)
+    run = RunDir(path)
+    for step, value in zip(steps, accuracy):
+        run.append_metrics({"step": step, "eval": {"add": {"accuracy": value}}})
+    write_json(path / "summary.json", {"tasks": {"add": {"final_eval": {"accuracy": accuracy[-1]}}}, "composition": {}})
+    run.set_status("finished")
+
+
+def test_overhang_needs_a_suppressed_start_and_a_paired_gain(tmp_path):
+    """never_trained climbs slowly; 'mean_zipf' starts low and climbs fast (overhang); 'uniform' starts above
+    the threshold (the capability is already there: a gain, but no overhang)."""
+    config = build_config({"overhang": {"regimes": ["mean_zipf", "uniform", "never_trained"], "seeds": [0, 1, 2],
+                                        "threshold": 0.5, "phase2_steps": 30, "phase2_eval_every": 10}},
+                          schema=OverhangConfig)
+    steps = [0, 10, 20, 30]
+    curves = {"never_trained": [0.0, 0.1, 0.2, 0.3], "mean_zipf": [0.05, 0.6, 0.8, 0.9], "uniform": [0.7, 0.8, 0.9, 0.9]}
+    for regime, curve in curves.items():
+        for seed in (0, 1, 2):
+            shifted = [value + 0.01 * seed for value in curve]
+            _fake_run(tmp_path / "phase1" / f"{regime}-seed{seed}", shifted[:1], [0])
+            _fake_run(tmp_path / "phase2" / f"{regime}-seed{seed}", shifted, steps)
+    regimes = summarize(config, tmp_path)["regimes"]
+    assert regimes["mean_zipf"]["steps_saved_vs_never_trained"]["mean"] == 40 - 10  # never_trained is censored at 40
+    assert regimes["mean_zipf"]["auc_gain_vs_never_trained"]["mean"] == pytest.approx((2.35 - 0.6) / 4)
+    assert regimes["mean_zipf"]["suppressed"] and regimes["mean_zipf"]["overhang"]
+    assert not regimes["uniform"]["suppressed"] and not regimes["uniform"]["overhang"]
+    assert regimes["never_trained"]["never_reached"] == 3 and not regimes["never_trained"]["overhang"]

@@ -13,8 +13,10 @@ Phase 1 trains one model per regime and seed:
 Phase 2 fine-tunes every phase-1 model on the same natural data for `phase2_steps`, evaluating
 every `phase2_eval_every` steps. For the target: the steps until its held-out accuracy reaches
 `threshold` and the area under its phase-2 accuracy curve (the mean over phase-2 evaluations), each
-compared pairwise (same seed) with `never_trained`. A regime whose phase-2 curve lies above
-never_trained's shows an overhang: what phase 1 left latent comes back quickly. The composition check
+compared pairwise (same seed) with `never_trained`. A regime shows an overhang when the target was
+suppressed entering phase 2 (below `threshold` in every seed) and yet its phase-2 AUC is above
+never_trained's (95 % paired interval above 0): what phase 1 left latent comes back quickly. A regime
+that enters phase 2 above the threshold already has the capability; its gain is not an overhang. The composition check
 compares, per composed task, its sharpest rise (largest gain between two evaluations) with its parts'.
 
     OUT/config.json  summary.json  report.html
@@ -231,7 +233,9 @@ def summarize(config: OverhangConfig, out: Path) -> dict:
             "never_reached": sum(r["steps_to_threshold"] is None for r in runs.values()),
             "steps_saved_vs_never_trained": speedup,
             "auc_gain_vs_never_trained": auc_gain,
-            "overhang": regime != REFERENCE and auc_gain["low"] is not None and auc_gain["low"] > 0,
+            "suppressed": all(r["phase2_start_accuracy"] < o.threshold for r in runs.values()),
+            "overhang": (regime != REFERENCE and all(r["phase2_start_accuracy"] < o.threshold for r in runs.values())
+                         and auc_gain["low"] is not None and auc_gain["low"] > 0),
         }
     composition = {phase: {regime: {task: {key: t_interval(values) for key, values in stats.items()}
                                     for task, stats in tasks.items()}

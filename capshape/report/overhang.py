@@ -71,10 +71,11 @@ def overhang_report(path: Path) -> tuple[dict[str, bytes], str]:
                "auc_gain_vs_never_trained": "AUC gain vs never trained"}
     rows = "".join(
         f"<tr><td>{escape(regime)}</td>" + "".join(f"<td>{_interval(stats[key])}</td>" for key in columns)
-        + f"<td>{stats['never_reached']}</td><td>{'yes' if stats['overhang'] else 'no'}</td></tr>"
+        + f"<td>{stats['never_reached']}</td><td>{'yes' if stats['suppressed'] else 'no'}</td>"
+        + f"<td>{'yes' if stats['overhang'] else 'no'}</td></tr>"
         for regime, stats in summary["regimes"].items())
     table = ("<table><tr><th>regime</th>" + "".join(f"<th>{escape(h)}</th>" for h in columns)
-             + "<th>runs never reaching it</th><th>overhang</th></tr>" + rows + "</table>")
+             + "<th>runs never reaching it</th><th>suppressed entering phase 2</th><th>overhang</th></tr>" + rows + "</table>")
     sharpness = {"composed_jump": "composed task's largest gain", "parts_jump": "its parts' largest gain",
                  "jump_excess": "difference", "mean_abs_gap": "mean |measured − product|"}
     sharpness_rows = "".join(
@@ -91,7 +92,9 @@ def overhang_report(path: Path) -> tuple[dict[str, bytes], str]:
         f"<p>Target <code>{escape(target)}</code>, threshold accuracy {summary['threshold']}, seeds {o['seeds']}. "
         "Intervals are 95 % t-intervals over seeds; differences from <code>never_trained</code> are paired by seed. "
         "A run that never reaches the threshold counts as phase2_steps + eval interval (a lower bound). "
-        "Overhang = the AUC gain over never_trained has a 95 % interval above zero.</p>",
+        "Overhang = the target was suppressed entering phase 2 (below the threshold in every seed) and its "
+        "AUC gain over never_trained has a 95 % interval above zero; a regime that enters phase 2 above the "
+        "threshold already has the capability, which is not an overhang.</p>",
         section("Overhang table", table),
         section("Phase-2 relearning curves", image(images, "relearning", "phase-2 curves")),
         section("Phase-1 curves", image(images, "phase1", "phase-1 curves")),

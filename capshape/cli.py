@@ -120,7 +120,7 @@ def overhang(
     raise_failures(summary)
     for regime, stats in summary["regimes"].items():
         saved = stats["steps_saved_vs_never_trained"]["mean"]
-        console.print(f"{regime:>14}: target acc after phase 1 {stats['phase1_target_accuracy']['mean']:.3f}, "
+        console.print(f"{regime:>14}: target acc entering phase 2 {stats['phase2_start_accuracy']['mean']:.3f}, "
                       f"phase-2 AUC {stats['auc']['mean']:.3f}"
                       + ("" if saved is None else f", steps saved vs never trained {saved:+.0f}")
                       + (" (overhang)" if stats["overhang"] else ""))

@@ -93,6 +93,8 @@ def test_overhang_cli_end_to_end(tmp_path):
     assert "Overhang table" in html and "Composition check" in html
     again = CliRunner().invoke(app, ["overhang", str(config), "--out", str(out), "--resume"])
     assert again.exit_code == 0, again.output
+    changed = CliRunner().invoke(app, ["overhang", str(config), "--out", str(out), "--resume", "--set", "overhang.threshold=0.5"])
+    assert changed.exit_code != 0 and "overhang.threshold=0.01 but this config has 0.5" in changed.output
 
 
 def _fake_run(path, accuracy, steps):

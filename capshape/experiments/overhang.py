@@ -38,6 +38,7 @@ from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.compare import run_name
 from capshape.experiments.executor import Cell, run_cells
+from capshape.experiments.protocol import check_resumable
 from capshape.experiments.transfer_stats import t_interval
 from capshape.experiments.unlearn import RoutingSection
 from capshape.experiments.unlearn_methods import FORGET, RETAIN
@@ -146,8 +147,7 @@ def run_overhang(config: OverhangConfig, out: Path, resume: bool = False, show_p
     check_overhang_config(config)
     with exclusive(out):
         out = Path(out)
-        if (out / "summary.json").exists() and not resume:
-            raise CapshapeError(f"{out} already holds an overhang experiment: pass --resume or choose another --out.")
+        check_resumable(out, config.model_dump(mode="json"), resume, "an overhang experiment")
         write_json(out / "config.json", config.model_dump(mode="json"))
         o = config.overhang
         specs = [(regime, seed) for regime in o.regimes for seed in o.seeds]

@@ -16,8 +16,9 @@ every `phase2_eval_every` steps. For the target: the steps until its held-out ac
 compared pairwise (same seed) with `never_trained`. A regime shows an overhang when the target was
 suppressed entering phase 2 (below `threshold` in every seed) and yet its phase-2 AUC is above
 never_trained's (95 % paired interval above 0): what phase 1 left latent comes back quickly. A regime
-that enters phase 2 above the threshold already has the capability; its gain is not an overhang. The composition check
-compares, per composed task, its sharpest rise (largest gain between two evaluations) with its parts'.
+that enters phase 2 above the threshold already has the capability; its gain is not an overhang.
+The composition check compares, per composed task, its sharpest rise (largest gain between two
+evaluations) with its parts'.
 
     OUT/config.json  summary.json  report.html
     OUT/phase1/<regime>-seed<k>/   OUT/phase2/<regime>-seed<k>/     (run directories)
@@ -217,14 +218,16 @@ def summarize(config: OverhangConfig, out: Path) -> dict:
             }
             for phase, run in (("phase1", phase1), ("phase2", phase2)):
                 for task, check in composition_sharpness(run).items():
+                    over_seeds = composition.setdefault(phase, {}).setdefault(regime, {}).setdefault(task, {})
                     for key, value in check.items():
-                        composition.setdefault(phase, {}).setdefault(regime, {}).setdefault(task, {}).setdefault(key, []).append(value)
+                        over_seeds.setdefault(key, []).append(value)
     reference = per_run.get(REFERENCE, {})
     regimes = {}
     for regime, runs in per_run.items():
         paired = [seed for seed in runs if seed in reference]
         speedup = t_interval([reference[s]["steps_to_threshold_or_bound"] - runs[s]["steps_to_threshold_or_bound"] for s in paired])
         auc_gain = t_interval([runs[s]["auc"] - reference[s]["auc"] for s in paired])
+        suppressed = all(r["phase2_start_accuracy"] < o.threshold for r in runs.values())
         regimes[regime] = {
             "seeds": runs,
             **{key: t_interval([r[key] for r in runs.values()])
@@ -233,9 +236,8 @@ def summarize(config: OverhangConfig, out: Path) -> dict:
             "never_reached": sum(r["steps_to_threshold"] is None for r in runs.values()),
             "steps_saved_vs_never_trained": speedup,
             "auc_gain_vs_never_trained": auc_gain,
-            "suppressed": all(r["phase2_start_accuracy"] < o.threshold for r in runs.values()),
-            "overhang": (regime != REFERENCE and all(r["phase2_start_accuracy"] < o.threshold for r in runs.values())
-                         and auc_gain["low"] is not None and auc_gain["low"] > 0),
+            "suppressed": suppressed,
+            "overhang": regime != REFERENCE and suppressed and auc_gain["low"] is not None and auc_gain["low"] > 0,
         }
     composition = {phase: {regime: {task: {key: t_interval(values) for key, values in stats.items()}
                                     for task, stats in tasks.items()}

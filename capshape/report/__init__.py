@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from capshape.experiments.compare import run_name
 from capshape.errors import CapshapeError
+from capshape.experiments.compare import run_name
 from capshape.report.distill import distill_report
 from capshape.report.html import render_page
 from capshape.report.plots import render_plots

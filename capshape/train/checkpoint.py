@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from capshape.errors import CapshapeError
 from capshape.runstore import write_atomic
@@ -31,14 +31,19 @@ def save_checkpoint(path: Path, step: int, model, optimizer, objective, sampler,
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """All tensors and the capshape metadata of a safetensors file; a damaged file is a one-line error."""
+    """All tensors and the capshape metadata of a safetensors file; a damaged file is a one-line error.
+
+    The file is read in one go: a run replacing it meanwhile (write_atomic) cannot mix two versions, as
+    opening it by name twice (safe_open: header, then mapping) can. Format: 8-byte little-endian header
+    length, JSON header holding "__metadata__", tensor data."""
     path = Path(path)
     if not path.is_file():
         raise CapshapeError(f"Checkpoint {str(path)!r} does not exist: check the run directory.")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get("capshape", "{}"))
-            return {key: handle.get_tensor(key) for key in handle.keys()}, meta
+        data = path.read_bytes()
+        tensors = load(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        return tensors, json.loads((header.get("__metadata__") or {}).get("capshape", "{}"))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise CapshapeError(f"Checkpoint {path} is corrupted or truncated ({error}): delete it to start over.") from None
 

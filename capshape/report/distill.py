@@ -14,7 +14,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from capshape.report.html import STYLE, image, mean_std, number, section
+from capshape.report.html import image, mean_std, number, page, section
 from capshape.report.plots import Series, grid_figure, png_bytes
 from capshape.runstore import read_json
 
@@ -156,10 +156,7 @@ def render_distill_page(summary: dict, images: dict[str, bytes], path: Path, con
                      "the clean model; lines are the mean over seeds, bands min–max; dashed: the level to reach.</p>",
                      image(images, "relearn", "relearning curves")),
              section("Time", f"<pre>{escape(json.dumps(summary['seconds'], indent=2))}</pre>")]
-    body = "\n".join(part for part in parts if part)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{escape(summary['name'])} — capshape distill report</title><style>{STYLE}</style></head>"
-            f"<body>\n{body}\n</body></html>\n")
+    return page(f"{summary['name']} — capshape distill report", parts)
 
 
 def distill_report(path: Path) -> tuple[dict[str, bytes], str]:

@@ -110,6 +110,13 @@ def section(title: str, *parts: str) -> str:
     return f"<h2>{escape(title)}</h2>" + "".join(parts)
 
 
+def page(title: str, parts: list[str]) -> str:
+    """A self-contained HTML page titled `title` whose body is the non-empty `parts`, one per line."""
+    body = "\n".join(part for part in parts if part)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
 def render_page(experiment: Experiment, images: dict[str, bytes]) -> str:
     band = " Lines are the mean over seeds; the shaded band spans min to max." if len(experiment.seeds) > 1 else ""
     sections = [
@@ -144,7 +151,4 @@ def render_page(experiment: Experiment, images: dict[str, bytes]) -> str:
             image(images, "regrouping", "regrouping diagnostics"),
             image(images, "spectrum", "spectra") if "spectrum" in images else ""))
     sections.append(section("Training loss", image(images, "training_loss", "training loss")))
-    body = "\n".join(part for part in sections if part)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{escape(experiment.name)} — capshape report</title><style>{STYLE}</style></head>"
-            f"<body>\n{body}\n</body></html>\n")
+    return page(f"{experiment.name} — capshape report", sections)

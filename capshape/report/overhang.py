@@ -8,7 +8,7 @@ from html import escape
 from pathlib import Path
 
 from capshape.experiments.compare import run_name
-from capshape.report.html import STYLE, image, number, section
+from capshape.report.html import image, number, page, section
 from capshape.report.plots import Series, grid_figure, png_bytes
 from capshape.runstore import RunDir, read_json
 
@@ -104,6 +104,4 @@ def overhang_report(path: Path) -> tuple[dict[str, bytes], str]:
                 sharpness_table, image(images, "composition", "composition")) if composition else "",
         f"<details><summary>config</summary><pre>{escape(json.dumps(config, indent=2))}</pre></details>",
     ]
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(config.get("name", ""))}'
-            f"</title><style>{STYLE}</style></head><body>\n" + "\n".join(p for p in parts if p) + "\n</body></html>\n")
-    return images, page
+    return images, page(f"{config.get('name', path.name)} — capshape overhang report", parts)

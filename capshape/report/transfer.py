@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy.cluster.hierarchy import dendrogram
 
-from capshape.report.html import STYLE, image, number, section
+from capshape.report.html import image, number, page, section
 from capshape.report.plots import png_bytes
 from capshape.runstore import read_json
 
@@ -210,10 +210,7 @@ def render_transfer_page(summary: dict, images: dict[str, bytes], path: Path, co
     parts.append(proxy_section(summary, images))
     seconds = summary["seconds"]
     parts.append(section("Time", f"<pre>{escape(json.dumps(seconds, indent=2))}</pre>"))
-    body = "\n".join(part for part in parts if part)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{escape(summary['name'])} — capshape transfer report</title><style>{STYLE}</style></head>"
-            f"<body>\n{body}\n</body></html>\n")
+    return page(f"{summary['name']} — capshape transfer report", parts)
 
 
 def transfer_report(path: Path) -> tuple[dict[str, bytes], str]:

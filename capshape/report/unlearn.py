@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from capshape.report.html import STYLE, image, number, section
+from capshape.report.html import image, number, page, section
 from capshape.report.plots import Series, grid_figure, png_bytes
 from capshape.runstore import read_json
 
@@ -203,10 +203,7 @@ def render_unlearn_page(summary: dict, images: dict[str, bytes], path: Path, con
                              "autoencoder is trained without routing.</p>",
                              image(images, "digits_certificates", "digits certificates"), digits_table(summary["digits"])))
     parts.append(section("Time", f"<pre>{escape(json.dumps(summary['seconds'], indent=2))}</pre>"))
-    body = "\n".join(parts)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{escape(summary['name'])} — capshape unlearn report</title><style>{STYLE}</style></head>"
-            f"<body>\n{body}\n</body></html>\n")
+    return page(f"{summary['name']} — capshape unlearn report", parts)
 
 
 def unlearn_report(path: Path) -> tuple[dict[str, bytes], str]:

@@ -3,7 +3,7 @@ import json
 from typer.testing import CliRunner
 
 from capshape.cli import app
-from tiny_toml import TINY_MODEL
+from helpers import TINY_MODEL
 
 runner = CliRunner()
 

@@ -11,6 +11,7 @@ from capshape.objectives import build_objective
 from capshape.report import build_report
 from capshape.runstore import RunDir
 from capshape.train import train_run
+from helpers import interrupted_run
 
 
 def _blocks(sizes, dim=32, noise=0.05, seed=0):
@@ -110,12 +111,7 @@ def test_gradient_objective_resume_is_exact(tmp_path, tiny_config):
     config = tiny_config.model_copy(update={"objectives": ["svd_grouped"], "objective": {"svd_grouped": params}})
     train_run(config, "svd_grouped", 0, tmp_path / "whole")
 
-    def crash(step, loss):
-        if step == 6:
-            raise RuntimeError("crash")
-
-    with pytest.raises(RuntimeError):
-        train_run(config, "svd_grouped", 0, tmp_path / "cut", on_progress=crash)
+    interrupted_run(config, "svd_grouped", tmp_path / "cut", at_step=6)
     train_run(config, "svd_grouped", 0, tmp_path / "cut", resume=True)
     strip = lambda p: [{k: v for k, v in r.items() if k != "seconds"} for r in RunDir(p).read_metrics()]
     assert strip(tmp_path / "cut") == strip(tmp_path / "whole")

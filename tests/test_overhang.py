@@ -11,7 +11,7 @@ from capshape.experiments.overhang import (OverhangConfig, check_overhang_config
                                           summarize)
 from capshape.runstore import RunDir, write_json
 from capshape.train import read_tensors
-from tiny_toml import TINY_MODEL
+from helpers import TINY_MODEL
 
 TINY = """
 name = "tiny overhang"

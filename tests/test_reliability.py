@@ -16,7 +16,7 @@ from capshape.runstore import RunDir, exclusive
 from capshape.tasks import load_jsonl_tasks
 from capshape.train import StepHooks, check_config, read_tensors, train_run
 from capshape.train.loop import cross_entropy_losses
-from tiny_toml import TINY_MODEL
+from helpers import TINY_MODEL
 
 KILLABLE = """
 seeds = [0]

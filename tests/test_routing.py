@@ -23,7 +23,7 @@ from capshape.tasks.tokenizer import IGNORE
 from capshape.objectives import build_objective
 from capshape.train import StepHooks, prepare_data, save_model, train_run
 from capshape.train.loop import cross_entropy_losses, make_optimizer, training_step
-from tiny_toml import TINY_MODEL
+from helpers import TINY_MODEL
 
 SITE = "blocks.0.mlp.hidden"
 

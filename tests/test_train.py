@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 from capshape.errors import CapshapeError
 from capshape.runstore import RunDir
 from capshape.train import learning_rate, read_tensors, train_run
+from helpers import interrupted_run
 
 
 def _eval_rows(path):
@@ -34,13 +35,7 @@ def test_same_seed_same_numbers(tmp_path, tiny_config):
 @pytest.mark.parametrize("objective", ["mean", "group_dro"])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_config, objective):
     train_run(tiny_config, objective, 0, tmp_path / "whole")
-
-    def crash(step, loss):
-        if step == 7:
-            raise RuntimeError("simulated crash")
-
-    with pytest.raises(RuntimeError):
-        train_run(tiny_config, objective, 0, tmp_path / "cut", on_progress=crash)
+    interrupted_run(tiny_config, objective, tmp_path / "cut", at_step=7)
     assert RunDir(tmp_path / "cut").status() == {"status": "failed", "objective": objective, "seed": 0,
                                                  "error": "simulated crash"}
     assert not (tmp_path / "cut" / "summary.json").exists()
@@ -83,26 +78,15 @@ def test_resume_from_a_checkpoint_between_evaluations_is_exact(tmp_path, tiny_co
     """Checkpoint at step 3, evaluations at 4 and 8: the running training statistics must survive."""
     config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"checkpoint_every": 3})})
     train_run(config, "grouped", 0, tmp_path / "whole")
-
-    def crash(step, loss):
-        if step == 5:
-            raise RuntimeError("crash")
-
-    with pytest.raises(RuntimeError):
-        train_run(config, "grouped", 0, tmp_path / "cut", on_progress=crash)
+    interrupted_run(config, "grouped", tmp_path / "cut", at_step=5)
     assert read_tensors(tmp_path / "cut" / "checkpoints" / "last.safetensors")[1]["step"] == 3
     train_run(config, "grouped", 0, tmp_path / "cut", resume=True)
     assert _eval_rows(tmp_path / "cut") == _eval_rows(tmp_path / "whole")
 
 
 def test_checkpoint_from_another_version_is_a_clear_error(tmp_path, tiny_config):
-    def crash(step, loss):
-        if step == 5:
-            raise RuntimeError("crash")
-
     config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"checkpoint_every": 3})})
-    with pytest.raises(RuntimeError):
-        train_run(config, "mean", 0, tmp_path / "cut", on_progress=crash)
+    interrupted_run(config, "mean", tmp_path / "cut", at_step=5)
     path = tmp_path / "cut" / "checkpoints" / "last.safetensors"
     tensors, meta = read_tensors(path)
     del meta["running"]

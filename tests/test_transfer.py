@@ -24,7 +24,7 @@ from capshape.report import build_report
 from capshape.runstore import read_json
 from capshape.tasks import TOKENIZER, InputSpec
 from capshape.train import prepare_data
-from tiny_toml import TINY_MODEL
+from helpers import TINY_MODEL
 
 TINY = {
     "workers": 1,

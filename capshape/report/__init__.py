@@ -148,16 +148,18 @@ def load_experiment(path: Path) -> Experiment:
                         f"comparison directory (summary.json with 'objectives'): pass a directory written by capshape.")
 
 
-# Protocol outputs name their kind in summary.json; each has its own report, from its files alone.
+# Protocol outputs name their kind in summary.json; each has its own report, from its summary, config
+# (empty if config.json is missing) and files.
 PROTOCOL_REPORTS = {"transfer": transfer_report, "overhang": overhang_report, "distill": distill_report, "unlearn": unlearn_report}
 
 
 def build_report(path: Path) -> Path:
     """Writes `report.html` (and `plots/*.png`) into the run, comparison or protocol directory `path`; returns its path."""
     path = Path(path)
-    kind = read_json(path / "summary.json").get("kind") if (path / "summary.json").is_file() else None
-    if kind in PROTOCOL_REPORTS:
-        images, page = PROTOCOL_REPORTS[kind](path)
+    summary = read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
+    if summary.get("kind") in PROTOCOL_REPORTS:
+        config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+        images, page = PROTOCOL_REPORTS[summary["kind"]](summary, config, path)
     else:
         experiment = load_experiment(path)
         images = render_plots(experiment)

@@ -16,7 +16,6 @@ import numpy as np
 
 from capshape.report.html import image, mean_std, number, page, section
 from capshape.report.plots import Series, grid_figure, png_bytes
-from capshape.runstore import read_json
 
 LABELS = {"backdoored": "no defence (backdoored)", "finetune": "fine-tune on clean data", "fresh": "distil → fresh init",
           "teacher_init": "distil → teacher's init", "teacher_weights": "distil → teacher's weights",
@@ -159,10 +158,7 @@ def render_distill_page(summary: dict, images: dict[str, bytes], path: Path, con
     return page(f"{summary['name']} — capshape distill report", parts)
 
 
-def distill_report(path: Path) -> tuple[dict[str, bytes], str]:
+def distill_report(summary: dict, config: dict, path: Path) -> tuple[dict[str, bytes], str]:
     """The plots and the page of the distill directory `path`."""
-    path = Path(path)
-    summary = read_json(path / "summary.json")
-    config = read_json(path / "config.json") if (path / "config.json").exists() else {}
     images = render_distill_plots(summary)
     return images, render_distill_page(summary, images, path, config)

@@ -7,15 +7,11 @@ import json
 from html import escape
 from pathlib import Path
 
+from capshape.errors import CapshapeError
 from capshape.experiments.compare import run_name
 from capshape.report.html import image, number, page, section
 from capshape.report.plots import Series, grid_figure, png_bytes
 from capshape.runstore import RunDir, read_json
-
-
-def is_overhang_dir(path: Path) -> bool:
-    summary = Path(path) / "summary.json"
-    return summary.is_file() and read_json(summary).get("kind") == "overhang"
 
 
 def _curves(path: Path, phase: str, regime: str, seeds: list, task: str, key: str = "accuracy") -> list[dict]:
@@ -46,9 +42,10 @@ def _interval(stat: dict) -> str:
     return f"{number(stat['mean'])} [{number(stat['low'])}, {number(stat['high'])}]"
 
 
-def overhang_report(path: Path) -> tuple[dict[str, bytes], str]:
-    path = Path(path)
-    summary, config = read_json(path / "summary.json"), read_json(path / "config.json")
+def overhang_report(summary: dict, config: dict, path: Path) -> tuple[dict[str, bytes], str]:
+    if "overhang" not in config:
+        raise CapshapeError(f"{path / 'config.json'} is missing or has no overhang section: the report needs the "
+                            f"experiment's config.")
     o, target = config["overhang"], summary["target"]
     regimes = list(summary["regimes"])
     colors = {regime: f"C{i}" for i, regime in enumerate(regimes)}

@@ -19,7 +19,6 @@ from scipy.cluster.hierarchy import dendrogram
 
 from capshape.report.html import image, number, page, section
 from capshape.report.plots import png_bytes
-from capshape.runstore import read_json
 
 METRIC_TITLES = {"loss": "Held-out loss of B", "accuracy": "Held-out accuracy of B"}
 PROXY_TITLES = {"lookahead": "TAG lookahead affinity Z_A→B", "cosine": "gradient cosine"}
@@ -213,10 +212,7 @@ def render_transfer_page(summary: dict, images: dict[str, bytes], path: Path, co
     return page(f"{summary['name']} — capshape transfer report", parts)
 
 
-def transfer_report(path: Path) -> tuple[dict[str, bytes], str]:
+def transfer_report(summary: dict, config: dict, path: Path) -> tuple[dict[str, bytes], str]:
     """The plots and the page of the transfer directory `path`."""
-    path = Path(path)
-    summary = read_json(path / "summary.json")
-    config = read_json(path / "config.json") if (path / "config.json").exists() else {}
     images = render_transfer_plots(summary)
     return images, render_transfer_page(summary, images, path, config)

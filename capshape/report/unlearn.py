@@ -12,7 +12,6 @@ import numpy as np
 
 from capshape.report.html import image, number, page, section
 from capshape.report.plots import Series, grid_figure, png_bytes
-from capshape.runstore import read_json
 
 STAGE_LABELS = {"before": "before unlearning", "trained": "before unlearning", "ablated": "ablated", "final": "final"}
 SIDES = {"forget loss": ("forget", "loss"), "forget accuracy": ("forget", "accuracy"),
@@ -206,10 +205,7 @@ def render_unlearn_page(summary: dict, images: dict[str, bytes], path: Path, con
     return page(f"{summary['name']} — capshape unlearn report", parts)
 
 
-def unlearn_report(path: Path) -> tuple[dict[str, bytes], str]:
+def unlearn_report(summary: dict, config: dict, path: Path) -> tuple[dict[str, bytes], str]:
     """The plots and the page of the unlearn directory `path`."""
-    path = Path(path)
-    summary = read_json(path / "summary.json")
-    config = read_json(path / "config.json") if (path / "config.json").exists() else {}
     images = render_unlearn_plots(summary)
     return images, render_unlearn_page(summary, images, path, config)

@@ -18,7 +18,7 @@ from capshape.models import build_model
 from capshape.report import build_report
 from capshape.routing import (ActivationRouter, ParameterRouter, RoutedLosses, Routes, contract_mlp, example_hash,
                               expand_mlp, route)
-from capshape.tasks import TOKENIZER, Batch, InputSpec
+from capshape.tasks import TOKENS, Batch
 from capshape.tasks.tokenizer import IGNORE
 from capshape.objectives import build_objective
 from capshape.train import StepHooks, prepare_data, save_model, train_run
@@ -30,7 +30,7 @@ SITE = "blocks.0.mlp.hidden"
 
 def tiny_model(config, seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(config.model, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size))
+    return build_model(config.model, TOKENS)
 
 
 def a_batch(config, size: int = 8, tasks=None) -> Batch:

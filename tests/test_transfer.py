@@ -22,7 +22,7 @@ from capshape.experiments.transfer_stats import (cluster, metric_stats, rank_agr
 from capshape.models import build_model, per_example_losses
 from capshape.report import build_report
 from capshape.runstore import read_json
-from capshape.tasks import TOKENIZER, InputSpec
+from capshape.tasks import TOKENS
 from capshape.train import prepare_data
 from helpers import TINY_MODEL
 
@@ -204,7 +204,7 @@ def test_rank_agreement_overall_and_per_target():
 def test_lookahead_and_cosine_match_a_direct_computation():
     torch.manual_seed(0)
     config = tiny()
-    model = build_model(config.model, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size))
+    model = build_model(config.model, TOKENS)
     data = prepare_data(build_config({"data": {"tasks": ["copy", "add"], "train_examples": 8, "eval_examples": 4},
                                       "model": TINY["model"]}), 0).data
     inputs, labels = [d.train.inputs for d in data], [d.train.labels for d in data]

@@ -47,7 +47,7 @@ from capshape.metrics import steps_to_fraction
 from capshape.models import build_model
 from capshape.routing import Routes, contract_mlp
 from capshape.runstore import RunDir, exclusive, read_json, write_json
-from capshape.tasks import TASKS, TOKENIZER, InputSpec
+from capshape.tasks import TASKS, TOKENS
 from capshape.train import check_config, load_model, save_model, train_run
 
 Regime = Literal["mean_zipf", "grouped_zipf", "uniform", "routed_ablated", "never_trained"]
@@ -124,7 +124,7 @@ def phase1_cell(config: OverhangConfig, regime: str, seed: int, out: Path, on_pr
         return
     routing = config.overhang.routing
     torch.manual_seed(seed)
-    model = build_model(config.model, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size))
+    model = build_model(config.model, TOKENS)
     expansion = routing.expand(model, seed)
     routes = Routes([FORGET if task == config.overhang.target else RETAIN for task in run_config.data.tasks])
     write_json(out / "expansion.json", expansion.to_json())

@@ -40,7 +40,7 @@ from capshape.experiments.transfer_proxy import AffinityProbe
 from capshape.experiments.transfer_stats import METRICS, from_json, metric_stats, rank_agreement, ranked_pairs
 from capshape.runstore import RunDir, read_json, write_json
 from capshape.models import build_model
-from capshape.tasks import TASKS, TOKENIZER, InputSpec
+from capshape.tasks import TASKS, TOKENS
 from capshape.train import StepHooks, check_config, load_model, train_run
 
 BASELINE = "none"  # the source-task label of B-only cells in directory names
@@ -135,7 +135,7 @@ def check_base(config: TransferConfig, base: Path) -> None:
     path = base_model_path(base)
     if not path.is_file():
         raise CapshapeError(f"transfer.base: {str(path)!r} does not exist: point it at a run directory or a model.safetensors.")
-    load_model(path, build_model(config.model, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size)))
+    load_model(path, build_model(config.model, TOKENS))
 
 
 def base_model_path(base: Path) -> Path:

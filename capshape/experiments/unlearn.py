@@ -48,7 +48,7 @@ from capshape.experiments.unlearn_methods import (FORGET, RETAIN, RMU, GradientA
 from capshape.models import build_model
 from capshape.routing import Expansion, Routes, contract_mlp, expand_mlp
 from capshape.runstore import exclusive, read_json, write_json
-from capshape.tasks import TOKENIZER, InputSpec
+from capshape.tasks import TOKENS
 from capshape.train import StepHooks, check_config, evaluate, load_model, prepare_data, save_model, train_run
 
 METHODS = ("plain", "filter", "era", "gradient_ascent", "rmu")
@@ -208,7 +208,7 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
     if u.digits.latent % 2:
         raise CapshapeError(f"unlearn.digits.latent: must be even to split in halves (got {u.digits.latent}).")
     check_config(pretrain_config(config))
-    model = build_model(config.model, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size))
+    model = build_model(config.model, TOKENS)
     if not any(name.startswith(p) for name, _ in model.named_parameters() for p in u.rmu.trainable):
         raise CapshapeError(f"unlearn.rmu.trainable: no parameter name starts with {u.rmu.trainable} "
                             f"(e.g. 'blocks.0.mlp.', 'blocks.0.').")
@@ -232,7 +232,7 @@ class Context:
 
     def fresh_model(self):
         torch.manual_seed(self.seed)  # the init train_run would draw for the plain model
-        return build_model(self.config.model, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size))
+        return build_model(self.config.model, TOKENS)
 
     def load(self, path: Path):
         model = self.fresh_model()

@@ -24,8 +24,7 @@ from capshape.errors import CapshapeError
 from capshape.metrics import grokking_delay, step_reaching
 from capshape.tasks.base import Task
 from capshape.tasks.data import TaskData, task_seed, tokenize
-from capshape.tasks.suites import SUITES, InputSpec, Suite, SuiteData, SuiteParams
-from capshape.tasks.tokenizer import TOKENIZER
+from capshape.tasks.suites import SUITES, TOKENS, Suite, SuiteData, SuiteParams
 
 OPERATIONS = {"add": ("+", lambda a, b: a + b), "sub": ("-", lambda a, b: a - b), "mul": ("*", lambda a, b: a * b)}
 LEVEL = 0.99  # accuracy at which a curve counts as learned, as in the papers
@@ -66,7 +65,7 @@ class GrokkingSuite(Suite):
         grok_train = Task("grok_train", "modular", tag="", sample_input=None, solve=None,
                           description=f"{what}: evaluated on the training pairs (training accuracy)")
         data = [TaskData(grok_val, train, val), TaskData(grok_train, train, train)]
-        return SuiteData(data, [True, False], InputSpec("tokens", vocab_size=TOKENIZER.vocab_size))
+        return SuiteData(data, [True, False], TOKENS)
 
     def summary_extras(self, rows: list[dict]) -> dict:
         steps = [row["step"] for row in rows]

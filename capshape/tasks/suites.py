@@ -26,6 +26,9 @@ class InputSpec:
     n_classes: int = 0
 
 
+TOKENS = InputSpec("tokens", vocab_size=TOKENIZER.vocab_size)  # the input of every character-token suite
+
+
 @dataclass
 class SuiteData:
     data: list[TaskData]  # every task, each with its held-out set
@@ -85,7 +88,7 @@ class TextSuite(Suite):
     def build(self, data_config, params: SuiteParams, seed: int, max_len: int) -> SuiteData:
         tasks, trained = self.resolve(data_config)
         data = [build_task_data(t, data_config.train_examples, data_config.eval_examples, seed, max_len) for t in tasks]
-        return SuiteData(data, trained, InputSpec("tokens", vocab_size=TOKENIZER.vocab_size))
+        return SuiteData(data, trained, TOKENS)
 
 
 SUITES.add("text", TextSuite())

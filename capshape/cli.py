@@ -224,6 +224,32 @@ def train_ddp(
 
 @app.command()
 @user_errors
+def groups(
+    run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/demo/mean-seed0."),
+    out: Path = typer.Option(..., "--out", help="Output directory for groups.json, similarity.npy and report.html."),
+    step: Optional[int] = typer.Option(None, help="Use the snapshot at this step (train.snapshot_every); default: the final model."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="A discovery option, e.g. --set similarity=cosine "
+                                             "(fields of capshape.grads.discovery.DiscoveryOptions)."),
+    per_task: int = typer.Option(64, help="Held-out examples per task."),
+    min_task_accuracy: float = typer.Option(0.0, help="Leave out tasks whose held-out accuracy is below this."),
+    seed: int = typer.Option(0, help="Seed of the clustering (and sketch)."),
+):
+    """Find capability groups offline from a stored model's per-example gradients; compare them with the true tasks."""
+    from capshape.config import build_config
+    from capshape.experiments.groups import discover_groups
+    from capshape.grads.discovery import DiscoveryOptions
+    from capshape.report import build_report
+
+    options = build_config({}, set_ or [], schema=DiscoveryOptions)
+    record = discover_groups(run_dir, out, options, step, per_task, min_task_accuracy, seed)
+    report_path = build_report(out)
+    console.print(f"step {record['step']}: k = {record['k']} (true {record['true_k']}), ARI {record['ari']:.3f}, "
+                  f"NMI {record['nmi']:.3f}, purity {record['purity']:.3f} on {record['kept']} examples")
+    console.print(f"report: {report_path}\ngroups: {Path(out) / 'groups.json'}")
+
+
+@app.command()
+@user_errors
 def report(path: Path = typer.Argument(..., help="A run or comparison directory.")):
     """(Re)build report.html from the stored results of a run or comparison."""
     from capshape.report import build_report

@@ -75,6 +75,8 @@ class TrainConfig(Section):
     grad_clip: Optional[float] = Field(1.0, gt=0, description="Max global gradient norm (none to disable).")
     eval_every: int = Field(50, gt=0, description="Evaluate every task's held-out set every N steps.")
     checkpoint_every: int = Field(500, gt=0, description="Write checkpoints/last.safetensors every N steps.")
+    snapshot_every: int = Field(0, ge=0, description="Keep the model weights every N steps in snapshots/ "
+                                "(0: none), for offline analyses such as `capshape groups --step N`.")
     threads: int = Field(0, ge=0, description="torch threads per run (0: cores / workers).")
     init_from: Optional[Path] = Field(None, description="A model.safetensors to start from instead of a fresh init.")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="On a NaN/inf loss or gradient: stop the run, or skip the step and count it.")

@@ -5,6 +5,7 @@
     metrics.jsonl      one row per evaluation, appended and fsynced as measured
     summary.json       emergence metrics (written atomically at the end)
     checkpoints/last.safetensors, model.safetensors
+    snapshots/step_<N>.safetensors   model weights at step N (train.snapshot_every)
 
 Every whole-file write goes to a temporary file that is fsynced and renamed over the target, so a
 crash never leaves a half-written file; a run is finished only once status.json says so.
@@ -71,6 +72,12 @@ class RunDir:
         self.path = Path(path)
         self.metrics_path = self.path / "metrics.jsonl"
         self.checkpoint_path = self.path / "checkpoints" / "last.safetensors"
+
+    def snapshot_path(self, step: int) -> Path:
+        return self.path / "snapshots" / f"step_{step:07d}.safetensors"
+
+    def snapshot_steps(self) -> list[int]:
+        return sorted(int(p.stem.split("_")[1]) for p in (self.path / "snapshots").glob("step_*.safetensors"))
 
     def status(self) -> dict:
         path = self.path / "status.json"

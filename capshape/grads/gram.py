@@ -12,16 +12,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from capshape.grads.capture import capture_linear_io
+from capshape.errors import CapshapeError
+from capshape.grads.capture import capture_linear_io, linear_layers
+from capshape.grads.exact import per_example_gradients
+from capshape.grads.sketch import GradientSketcher
 
 
 def gradient_gram(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                   layers: list[str] | None = None, chunk_size: int = 64) -> torch.Tensor:
     """G [N, N] with G_nm = <grad_n, grad_m> over the weights and biases of `layers` (default: all
-    trainable nn.Linear). `chunk_size` rows of G are formed at a time, bounding the token-pair
-    intermediates to chunk_size·T × N·T numbers."""
+    trainable nn.Linear)."""
+    return captured_gram(capture_linear_io(model, inputs, labels, layers), chunk_size)
+
+
+def captured_gram(captured: list[tuple[torch.Tensor, torch.Tensor]], chunk_size: int = 64) -> torch.Tensor:
+    """The Gram of `capture_linear_io` factors; `chunk_size` rows of G are formed at a time, bounding the
+    token-pair intermediates to chunk_size·T × N·T numbers."""
     gram = None
-    for a, g in capture_linear_io(model, inputs, labels, layers):
+    for a, g in captured:
         n, t, d_in = a.shape
         d_out = g.shape[-1]
         if n * t * t * (d_in + d_out) <= (t + n) * d_in * d_out:
@@ -45,3 +53,60 @@ def _token_pair_gram(a_rows: torch.Tensor, g_rows: torch.Tensor, a: torch.Tensor
 def sketch_gram(sketches: torch.Tensor) -> torch.Tensor:
     """S Sᵀ [N, N]: the unbiased estimate of the gradient Gram from GradientSketcher sketches [N, k]."""
     return sketches @ sketches.T
+
+
+SUBSETS = ("all", "no_embed_norm", "output", "block:<i>")
+ENGINES = ("exact", "gram", "sketch")
+
+
+def subset_parameters(model: nn.Module, subset: str) -> list[str]:
+    """Trainable parameter names of a subset: `all`; `no_embed_norm` (without embeddings and LayerNorm,
+    as Michaud et al. 2023); `output` (the last linear layer); `block:<i>` (under blocks.i / layers.i)."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if subset == "all":
+        return trainable
+    if subset == "no_embed_norm":
+        skipped = {f"{module_name}.{name}" if module_name else name
+                   for module_name, module in model.named_modules() if isinstance(module, (nn.Embedding, nn.LayerNorm))
+                   for name, _ in module.named_parameters(recurse=False)}
+        return [name for name in trainable if name not in skipped]
+    if subset == "output":
+        last = list(linear_layers(model))[-1]
+        return [name for name in trainable if name.startswith(f"{last}.")]
+    if subset.startswith("block:") and subset[6:].isdigit():
+        prefixes = tuple(f"{container}.{subset[6:]}." for container in ("blocks", "layers"))
+        chosen = [name for name in trainable if name.startswith(prefixes)]
+        if chosen:
+            return chosen
+    raise CapshapeError(f"Unknown parameter subset '{subset}' for this model: use one of {', '.join(SUBSETS)}.")
+
+
+def subset_linear_layers(model: nn.Module, subset: str, engine: str) -> list[str]:
+    """The linear layers holding exactly the parameters of `subset`; an error naming the fix when the
+    subset holds others (embeddings, LayerNorm), which only the exact engine covers."""
+    chosen = set(subset_parameters(model, subset))
+    layers = [name for name in linear_layers(model) if f"{name}.weight" in chosen]
+    uncovered = sorted(chosen - {f"{layer}.{p}" for layer in layers for p in ("weight", "bias")})
+    if uncovered:
+        raise CapshapeError(f"engine '{engine}' covers linear layers only, and subset '{subset}' holds "
+                            f"'{uncovered[0]}': use engine 'exact' or subset 'no_embed_norm'.")
+    return layers
+
+
+def example_gram(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, engine: str = "gram",
+                 subset: str = "no_embed_norm", sketch_dim: int = 1024, seed: int = 0,
+                 captured: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+    """G [N, N] float64, G_nm = <∇ℓ_n, ∇ℓ_m> over the parameters of `subset`, by `engine`: `exact`
+    (vmap per-example gradients, any parameter), `gram` (exact, linear layers only, from token sums)
+    or `sketch` (the unbiased GradientSketcher estimate with `sketch_dim` coordinates, linear layers
+    only). `captured`: capture_linear_io factors by layer name already at hand (not recaptured)."""
+    if engine == "exact":
+        grads = per_example_gradients(model, inputs, labels, params=subset_parameters(model, subset)).double()
+        return grads @ grads.T
+    if engine not in ENGINES:
+        raise CapshapeError(f"Unknown gradient engine '{engine}': use one of {', '.join(ENGINES)}.")
+    layers = subset_linear_layers(model, subset, engine)
+    factors = [captured[name] for name in layers] if captured else capture_linear_io(model, inputs, labels, layers)
+    if engine == "gram":
+        return captured_gram(factors).double()
+    return sketch_gram(GradientSketcher(model, sketch_dim, seed, layers).project(factors).double())

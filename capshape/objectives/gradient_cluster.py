@@ -1,30 +1,30 @@
 """`gradient_cluster`: the grouped loss Σ_g ℓ_g^p over groups discovered by clustering per-example
-gradients: examples whose gradients point the same way likely use the same machinery.
+gradients: examples whose gradients lie along the same directions likely use the same machinery.
 
-At each regrouping: k-means on unit-normalised sketches (cosine geometry) or spectral clustering on
-their cosine Gram; `num_groups = "auto"` picks k by the eigengap of the normalised Laplacian of the
-cosine-similarity Gram. Training batches are then assigned to the nearest centroid (cosine) in the
-per-batch feature space; the record reports how often that rule reproduces the clustering on the
-regrouping examples themselves (`assignment_agreement`).
+At each regrouping the drawn examples go through the discovery pipeline (capshape.grads.discovery:
+by default the exact Gram of the linear layers' gradients, the sign-invariant similarity C², spectral
+clustering, k by the eigengap). Training batches are then assigned by average linkage in the
+per-batch feature space: example x goes to the group c maximising mean_{j∈c} S(x, j), S the same
+similarity on the features u = f/‖f‖ of x and of the regrouping examples j (for C² this is
+u_xᵀ M_c u_x with M_c the mean of u_j u_jᵀ over the group). The record reports how often that rule
+reproduces the clustering on the regrouping examples themselves (`assignment_agreement`).
 """
 from __future__ import annotations
 
-from typing import Literal, Union
-
-import numpy as np
 import torch
-from pydantic import Field
 
-from capshape.grads.clustering import agreement, cluster, cosine_affinity, eigengap_k, normalise_rows
+from capshape.grads.clustering import SIMILARITIES, normalise_rows
+from capshape.grads.discovery import DiscoveryOptions, cluster_gram
+from capshape.grads.gram import example_gram
+from capshape.models import per_example_losses
 from capshape.objectives.base import OBJECTIVES, Weighting
-from capshape.objectives.gradient_groups import GradientGroupedObjective, GradientGroupParams
+from capshape.objectives.gradient_groups import GradientGroupedObjective, GradientGroupParams, Regroup
 from capshape.objectives.grouped import grouped_weighting
 
 
-class GradientClusterParams(GradientGroupParams):
-    num_groups: Union[int, Literal["auto"]] = Field("auto", description="Number of groups, or 'auto' (eigengap).")
-    max_groups: int = Field(12, ge=2, description="Largest k the eigengap may choose.")
-    method: Literal["kmeans", "spectral"] = Field("kmeans", description="Clustering of the sketches.")
+class GradientClusterParams(GradientGroupParams, DiscoveryOptions):
+    """The regrouping schedule and per-batch features (GradientGroupParams) and the discovery pipeline
+    (DiscoveryOptions)."""
 
 
 @OBJECTIVES.register("gradient_cluster")
@@ -33,34 +33,44 @@ class GradientCluster(GradientGroupedObjective):
 
     def __init__(self, params: GradientClusterParams, num_groups: int):
         super().__init__(params, num_groups)
-        self.centroids = torch.zeros(1, params.feature_dim)
+        self.members = torch.zeros(1, params.feature_dim)  # unit features of the regrouping examples [N, f]
+        self.member_groups = torch.zeros(1, dtype=torch.long)  # their groups [N]
+        self.k = 1
 
-    def fit(self, sketches, features, task_ids, seed) -> dict:
+    def fit(self, regroup: Regroup, model, seed) -> dict:
         params = self.params
-        record: dict = {}
-        if params.num_groups == "auto":
-            k, eigenvalues = eigengap_k(cosine_affinity(sketches), min(params.max_groups, len(sketches) - 1))
-            record["eigenvalues"] = eigenvalues
-        else:
-            k = params.num_groups
-        labels = cluster(sketches, k, params.method, seed)
-        unit = normalise_rows(features)
-        self.centroids = normalise_rows(torch.stack([unit[torch.from_numpy(labels == c)].mean(0) for c in range(k)]))
-        assigned = self.assign(features).numpy()
-        return {"k": k, "sizes": np.bincount(labels, minlength=k).tolist(), **agreement(labels, task_ids),
-                "assignment_agreement": float((assigned == labels).mean()), **record}
+        with torch.no_grad():
+            losses = per_example_losses(model(regroup.inputs), regroup.labels).double().cpu().numpy()
+        gram = example_gram(model, regroup.inputs, regroup.labels, params.engine, params.subset, params.sketch_dim,
+                            seed, captured=regroup.factors())
+        found = cluster_gram(gram.cpu().numpy(), losses, params, seed)
+        kept = torch.from_numpy(found.kept)
+        self.members = normalise_rows(regroup.features[kept].float())
+        self.member_groups = torch.from_numpy(found.labels).long()
+        self.k = found.k
+        assigned = self.assign(regroup.features[kept]).numpy()
+        return {**found.record(regroup.task_ids), "assignment_agreement": float((assigned == found.labels).mean())}
 
     def assign(self, features: torch.Tensor) -> torch.Tensor:
-        return (normalise_rows(features) @ self.centroids.T.to(features)).argmax(1)
+        """Average-linkage group of each row of `features` [B, f] (see the module docstring)."""
+        members = self.members.to(features.device)
+        similarity = SIMILARITIES[self.params.similarity](
+            (normalise_rows(features.float()) @ members.T).clamp(-1, 1).double().cpu().numpy())
+        groups = self.member_groups
+        totals = torch.zeros(len(features), self.k, dtype=torch.float64).index_add_(
+            1, groups, torch.from_numpy(similarity))
+        counts = torch.bincount(groups, minlength=self.k).clamp(min=1)
+        return (totals / counts).argmax(1).to(features.device)
 
     def group_ids(self, model, batch) -> torch.Tensor:
         return self.assign(self.batch_features(model, batch))
 
     def weigh(self, per_example_losses: torch.Tensor, group_ids: torch.Tensor) -> Weighting:
-        return grouped_weighting(per_example_losses, group_ids, len(self.centroids), self.params.p)
+        return grouped_weighting(per_example_losses, group_ids, self.k, self.params.p)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"centroids": self.centroids}
+        return {"members": self.members, "member_groups": self.member_groups, "k": torch.tensor(self.k)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.centroids = state["centroids"].clone()
+        self.members, self.member_groups = state["members"].clone(), state["member_groups"].clone()
+        self.k = int(state["k"])

@@ -1,8 +1,9 @@
 """Shared mechanics of the objectives that find their groups in gradient space.
 
 Every `regroup_every` steps, `n_examples` fresh examples are drawn (from a stream of their own, so
-the training batches are unchanged), their per-example gradients are captured in one backward and
-sketched (capshape.grads), and the subclass fits its grouping. Between regroupings each training
+the training batches are unchanged), the factors of their per-example gradients are captured in one backward
+(capshape.grads.capture), and the subclass fits its grouping from what they give: the exact Gram of
+the linear layers, sketches, or the per-batch features below. Between regroupings each training
 batch is placed in a per-batch feature space:
 
 - `features = "output_layer"` (default): a sketch of the output layer's per-example gradient, which
@@ -14,6 +15,7 @@ against the true task labels, which the objective never uses for training.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -29,7 +31,6 @@ from capshape.objectives.base import Objective, Params
 class GradientGroupParams(Params):
     regroup_every: int = Field(200, gt=0, description="Steps between regroupings.")
     n_examples: int = Field(512, gt=1, description="Examples drawn and sketched at each regrouping.")
-    sketch_dim: int = Field(1024, gt=0, description="Sketch size k over all Linear layers, used to fit the groups.")
     features: Literal["output_layer", "sketch"] = Field("output_layer", description="Per-batch gradient features (see module docstring).")
     feature_dim: int = Field(256, gt=0, description="Sketch size of the per-batch features.")
     p: float = Field(2.0, gt=0, description="Exponent of each group loss.")
@@ -67,19 +68,35 @@ class GradientGroupedObjective(Objective):
         examples = sampler.draw(self.params.n_examples, stream=step)  # the same draw on every DDP rank
         names = linear_layer_names(model)
         device = next(model.parameters()).device
-        # Under data parallelism each rank sketches its share (rows rank::world) of the draw and the
-        # sketches are all-gathered in draw order, so every rank fits the same groups from the same
-        # [N, k] tensors (the fits are seeded); in one process shard and gather_rows do nothing.
+        # Under data parallelism each rank captures its share (rows rank::world) of the draw and the
+        # factors are all-gathered in draw order, so every rank fits the same groups from the same
+        # tensors (the fits are seeded); in one process shard and gather_rows do nothing.
         inputs, labels = shard(examples.inputs).to(device), shard(examples.labels).to(device)
-        captured = capture_linear_io(model, inputs, labels, names)
-        sketches = GradientSketcher(model, self.params.sketch_dim, seed=sampler.seed + step).project(captured)
+        captured = [tuple(gather_rows(t, len(examples)).cpu() for t in pair)
+                    for pair in capture_linear_io(model, inputs, labels, names)]
         if self.params.features == "sketch":
             features = self.feature_sketcher.project(captured)
         else:
             features = self.feature_sketcher.project([captured[names.index(self.recorder.name)]])
-        sketches, features = (gather_rows(t, len(examples)).cpu() for t in (sketches, features))
-        return self.fit(sketches, features, examples.task_ids.numpy(), seed=sampler.seed + step)
+        regroup = Regroup(examples.inputs.to(device), examples.labels.to(device), captured, names, features,
+                          examples.task_ids.numpy())
+        return self.fit(regroup, model, seed=sampler.seed + step)
 
-    def fit(self, sketches: torch.Tensor, features: torch.Tensor, task_ids: np.ndarray, seed: int) -> dict:
-        """Refit the grouping from `sketches` [N, sketch_dim] and `features` [N, feature_dim]."""
+    def fit(self, regroup: "Regroup", model: torch.nn.Module, seed: int) -> dict:
+        """Refit the grouping from the regrouping examples."""
         raise NotImplementedError
+
+
+@dataclass
+class Regroup:
+    """What a regrouping knows about its `n_examples` examples."""
+
+    inputs: torch.Tensor  # the whole draw, on every rank
+    labels: torch.Tensor
+    captured: list[tuple[torch.Tensor, torch.Tensor]]  # capture_linear_io factors of every linear layer
+    layers: list[str]  # their names
+    features: torch.Tensor  # [N, feature_dim] per-batch features of the same examples
+    task_ids: np.ndarray  # [N] true tasks: diagnostics only
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return dict(zip(self.layers, self.captured))

@@ -24,7 +24,7 @@ from pydantic import Field
 from capshape.collectives import global_sum
 from capshape.grads.clustering import agreement, normalise_rows
 from capshape.objectives.base import OBJECTIVES, Weighting
-from capshape.objectives.gradient_groups import GradientGroupedObjective, GradientGroupParams
+from capshape.objectives.gradient_groups import GradientGroupedObjective, GradientGroupParams, Regroup
 
 
 class SVDGroupedParams(GradientGroupParams):
@@ -44,7 +44,8 @@ class SVDGrouped(GradientGroupedObjective):
         self.scales = torch.ones(1)  # s̃ [r]
         self.batch_components: torch.Tensor | None = None
 
-    def fit(self, sketches, features, task_ids, seed) -> dict:
+    def fit(self, regroup: Regroup, model, seed) -> dict:
+        features, task_ids = regroup.features, regroup.task_ids
         _, singular, vh = torch.linalg.svd(features.double(), full_matrices=False)
         explained = (singular ** 2).cumsum(0) / (singular ** 2).sum()
         rank = self.params.rank or int(min(self.params.max_rank, int((explained < self.params.explained_variance).sum()) + 1))

@@ -14,6 +14,7 @@ from pathlib import Path
 from capshape.errors import CapshapeError
 from capshape.experiments.compare import run_name
 from capshape.report.distill import distill_report
+from capshape.report.groups import groups_report
 from capshape.report.html import render_page
 from capshape.report.plots import render_plots
 from capshape.report.overhang import overhang_report
@@ -157,7 +158,9 @@ def build_report(path: Path) -> Path:
     """Writes `report.html` (and `plots/*.png`) into the run, comparison or protocol directory `path`; returns its path."""
     path = Path(path)
     summary = read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
-    if summary.get("kind") in PROTOCOL_REPORTS:
+    if (path / "groups.json").is_file():
+        images, page = groups_report(path)
+    elif summary.get("kind") in PROTOCOL_REPORTS:
         config = read_json(path / "config.json") if (path / "config.json").exists() else {}
         images, page = PROTOCOL_REPORTS[summary["kind"]](summary, config, path)
     else:

@@ -261,6 +261,8 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
                 totals = dict.fromkeys(totals, 0.0)
             if step > start and (step % train.checkpoint_every == 0 or step == steps):
                 save_checkpoint(run.checkpoint_path, step, model, optimizer, objective, sampler, totals)
+            if train.snapshot_every and step % train.snapshot_every == 0:
+                save_model(run.snapshot_path(step), model)
         if step == steps:
             break
         result = training_step(step, config, model, objective, optimizer, sampler, hooks, device, net)

@@ -1,0 +1,80 @@
+"""Group discovery: examples -> per-example gradient Gram -> similarity -> k -> clusters.
+
+One pipeline, used offline by `capshape groups` and at every refit of `gradient_cluster`. Each
+choice is a field of `DiscoveryOptions`; the defaults are the measured winners of the ablation in
+the README ("Finding the groups").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal, Optional, Union
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from capshape.grads.clustering import agreement, choose_k, cluster_similarity, confusion, similarity_matrix
+from capshape.grads.gram import example_gram
+from capshape.models import per_example_losses
+
+
+class DiscoveryOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["exact", "gram", "sketch"] = Field(
+        "exact", description="Per-example gradient Gram: exact (vmap, any parameter), gram (exact, linear layers), "
+                            "sketch (random projection of linear layers, sketch_dim coordinates).")
+    subset: str = Field("all", description="Parameters: all, no_embed_norm, output or block:<i>.")
+    sketch_dim: int = Field(1024, gt=0, description="Sketch size when engine = 'sketch'.")
+    similarity: Literal["cosine", "angular", "abs", "squared"] = Field(
+        "squared", description="Affinity from the cosine C: max(C,0), 1 − arccos(C)/π, |C| or C².")
+    centre: bool = Field(False, description="Subtract the mean gradient before the cosines.")
+    max_loss: Optional[float] = Field(None, gt=0, description="Keep only examples with loss ≤ this (QDG's "
+                                                             "low-loss filter); None keeps all.")
+    method: Literal["spectral", "kmeans", "agglomerative"] = Field("spectral", description="Clustering of the similarity.")
+    neighbours: Optional[int] = Field(10, gt=0, description="Spectral clustering and the eigengap use the graph of each "
+                                                            "example's most similar examples (None: the dense similarity).")
+    num_groups: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field("auto", description="k, or 'auto' (k_criterion).")
+    k_criterion: Literal["eigengap", "silhouette", "stability"] = Field("eigengap", description="How 'auto' picks k.")
+    max_groups: int = Field(16, ge=2, description="Largest k 'auto' may choose.")
+
+
+@dataclass
+class Discovery:
+    labels: np.ndarray  # [N_kept] cluster of each kept example
+    kept: np.ndarray  # [N] bool: examples that passed the loss filter
+    similarity: np.ndarray  # [N_kept, N_kept]
+    k: int
+    criterion: dict[int, float]  # {k: score} when k was chosen, else {}
+
+    def record(self, task_ids: Optional[np.ndarray] = None) -> dict:
+        """A JSON-ready summary; with true task ids, agreement (ARI, NMI, purity) and the confusion table."""
+        out: dict = {"k": self.k, "sizes": np.bincount(self.labels, minlength=self.k).tolist(),
+                     "kept": int(self.kept.sum()), "criterion": {str(k): v for k, v in self.criterion.items()}}
+        if task_ids is not None:
+            truth = np.unique(task_ids[self.kept], return_inverse=True)[1]
+            out.update(agreement(self.labels, truth), confusion=confusion(self.labels, truth))
+        return out
+
+
+def cluster_gram(gram: np.ndarray, losses: np.ndarray, options: DiscoveryOptions, seed: int) -> Discovery:
+    """The pipeline after the Gram: loss filter, similarity, k, clustering."""
+    kept = np.ones(len(gram), dtype=bool) if options.max_loss is None else losses <= options.max_loss
+    if kept.sum() < 3:  # too few low-loss examples to cluster (early in training): cluster them all
+        kept = np.ones(len(gram), dtype=bool)
+    similarity = similarity_matrix(np.asarray(gram)[np.ix_(kept, kept)], options.similarity, options.centre)
+    if options.num_groups == "auto":
+        k, curve = choose_k(similarity, options.max_groups, options.k_criterion, options.method, seed, options.neighbours)
+    else:
+        k, curve = min(options.num_groups, int(kept.sum())), {}
+    labels = cluster_similarity(similarity, k, options.method, seed, options.neighbours)
+    return Discovery(labels, kept, similarity, k, curve)
+
+
+def discover(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, options: DiscoveryOptions,
+             seed: int) -> Discovery:
+    """Cluster the examples (inputs, labels) by their gradients under `model`."""
+    with torch.no_grad():
+        losses = per_example_losses(model(inputs), labels).double().cpu().numpy()
+    gram = example_gram(model, inputs, labels, options.engine, options.subset, options.sketch_dim, seed)
+    return cluster_gram(gram.cpu().numpy(), losses, options, seed)

@@ -18,8 +18,8 @@ from capshape.runstore import RunDir
 from capshape.train import prepare_data, read_tensors, train_run
 
 OBJECTIVES = ["mean", "grouped", "group_dro", "gradient_cluster", "svd_grouped"]
-REGROUP = {"regroup_every": 3, "n_examples": 11, "sketch_dim": 32, "feature_dim": 16}
-CLUSTER = {**REGROUP, "num_groups": 2}
+REGROUP = {"regroup_every": 3, "n_examples": 11, "feature_dim": 16}
+CLUSTER = {**REGROUP, "num_groups": 2, "neighbours": 4}
 
 
 def _config():
@@ -50,7 +50,7 @@ def _rank(rank: int, world: int, port: int, config, root) -> None:
         model = build_model(config.model, prepared.suite.input_spec)
         objective = build_objective("gradient_cluster", CLUSTER, len(prepared.group_names))
         record = objective.observe(0, model, prepared.sampler(config, 0))
-        torch.save({"centroids": objective.centroids, "record": record, "world": collectives.world_size()},
+        torch.save({"members": objective.members, "member_groups": objective.member_groups, "record": record, "world": collectives.world_size()},
                    root / f"regroup-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -110,7 +110,8 @@ def test_ddp_on_two_processes_equals_the_single_process_run(tmp_path):
     assert [(r["step"], r["k"], r["sizes"]) for r in ddp_records] == [(r["step"], r["k"], r["sizes"]) for r in single_records]
     ranks = [torch.load(tmp_path / f"regroup-rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["world"] == 2
-    torch.testing.assert_close(ranks[0]["centroids"], ranks[1]["centroids"], rtol=0, atol=0)  # identical groups
+    for key in ("members", "member_groups"):  # identical groups
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
     assert ranks[0]["record"] == ranks[1]["record"]
 
 

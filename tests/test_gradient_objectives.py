@@ -3,7 +3,11 @@ import pytest
 import torch
 
 from capshape.grads import capture_linear_io, linear_layer_names
-from capshape.grads.clustering import agreement, cluster, eigengap_k, purity
+from capshape.errors import CapshapeError
+from capshape.grads.clustering import K_CRITERIA, METHODS, agreement, centre_gram, normalise_rows, purity, similarity_matrix
+from capshape.grads.discovery import DiscoveryOptions, cluster_gram
+from capshape.grads.gram import example_gram, subset_parameters
+from capshape.objectives.gradient_groups import Regroup
 from capshape.grads.output_layer import OutputLayerRecorder, output_layer_name
 from capshape.models import Transformer
 from capshape.config import ModelConfig
@@ -21,13 +25,67 @@ def _blocks(sizes, dim=32, noise=0.05, seed=0):
     return torch.cat(rows), np.repeat(np.arange(len(sizes)), sizes)
 
 
-def test_eigengap_and_clustering_recover_planted_groups():
-    features, truth = _blocks([40, 30, 50, 35])
-    k, eigenvalues = eigengap_k(np.clip((features / features.norm(dim=1, keepdim=True)) @ (features / features.norm(dim=1, keepdim=True)).T, 0, None).numpy(), 8)
-    assert k == 4 and len(eigenvalues) == 9
-    for method in ("kmeans", "spectral"):
-        assert agreement(cluster(features, 4, method, seed=0), truth)["ari"] > 0.99
+def _signed_blocks(sizes, dim=32, noise=0.3, seed=0):
+    """Groups of examples along their group's direction with a random sign each (the sign of the error)."""
+    features, truth = _blocks(sizes, dim, noise, seed)
+    signs = torch.randint(0, 2, (len(features), 1), generator=torch.Generator().manual_seed(seed + 1)) * 2 - 1
+    return features * signs, truth
+
+
+def test_sign_invariant_similarity_recovers_groups_that_cosine_splits():
+    features, truth = _signed_blocks([40, 30, 50, 35])
+    gram = (features @ features.T).double().numpy()
+    losses = np.ones(len(gram))
+    for similarity in ("squared", "abs"):
+        for method in METHODS:
+            found = cluster_gram(gram, losses, DiscoveryOptions(similarity=similarity, method=method, num_groups=4), 0)
+            assert found.record(truth)["ari"] > 0.99, (similarity, method)
+    cosine = cluster_gram(gram, losses, DiscoveryOptions(similarity="cosine", num_groups=4), 0)
+    assert cosine.record(truth)["ari"] < 0.7
     assert purity(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])) == 0.75
+
+
+@pytest.mark.parametrize("criterion", K_CRITERIA)
+def test_k_criteria_find_the_planted_number_of_groups(criterion):
+    features, truth = _signed_blocks([40, 30, 50, 35, 45])
+    found = cluster_gram((features @ features.T).double().numpy(), np.ones(len(truth)),
+                         DiscoveryOptions(num_groups="auto", k_criterion=criterion, max_groups=9), 0)
+    assert found.k == 5 and sorted(int(k) for k in found.record()["criterion"]) == list(range(2, 10))
+
+
+def test_similarities_centring_and_loss_filter():
+    gram = np.array([[4.0, -2.0, 0.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 9.0]])  # cos(0, 1) = -1
+    np.testing.assert_allclose(similarity_matrix(gram, "cosine")[0, 1], 0.0)
+    np.testing.assert_allclose(similarity_matrix(gram, "abs")[0, 1], 1.0)
+    np.testing.assert_allclose(similarity_matrix(gram, "squared")[0, 1], 1.0)
+    np.testing.assert_allclose(similarity_matrix(gram, "angular")[0, 2], 0.5)  # orthogonal: 1 − (π/2)/π
+    x = np.random.default_rng(0).normal(size=(6, 4))
+    centred = x - x.mean(0)
+    np.testing.assert_allclose(centre_gram(x @ x.T), centred @ centred.T, atol=1e-12)
+    features, truth = _signed_blocks([20, 20])
+    losses = np.r_[np.full(30, 0.1), np.full(10, 5.0)]
+    found = cluster_gram((features @ features.T).double().numpy(), losses, DiscoveryOptions(max_loss=1.0, num_groups=2), 0)
+    assert found.kept.sum() == 30 and len(found.labels) == 30
+
+
+def test_exact_and_linear_gram_engines_agree_on_linear_layers():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=16, d_mlp=32, max_len=10), vocab_size=30)
+    inputs = torch.randint(0, 30, (6, 10))
+    labels = torch.randint(0, 30, (6, 10))
+    labels[:, :4] = -100
+    exact = example_gram(model, inputs, labels, "exact", "no_embed_norm")
+    torch.testing.assert_close(example_gram(model, inputs, labels, "gram", "no_embed_norm"), exact, rtol=1e-4, atol=1e-9)
+    assert not any("embedding" in name or "ln" in name for name in subset_parameters(model, "no_embed_norm"))
+    assert all(name.startswith("blocks.0.") for name in subset_parameters(model, "block:0"))
+    with pytest.raises(CapshapeError, match="engine 'exact'"):
+        example_gram(model, inputs, labels, "gram", "all")
+    with pytest.raises(CapshapeError, match="Unknown parameter subset"):
+        subset_parameters(model, "block:7")
+
+
+def _regroup(features, task_ids):
+    return Regroup(None, None, [], [], features, task_ids)
 
 
 def test_output_layer_factors_equal_the_captured_backward_factors():
@@ -50,7 +108,7 @@ def test_output_layer_factors_equal_the_captured_backward_factors():
 def test_svd_grouped_weights_give_the_gradient_of_its_loss():
     objective = build_objective("svd_grouped", {"rank": 3, "feature_dim": 8}, num_groups=1)
     features = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
-    objective.fit(features, features, np.zeros(40, dtype=int), seed=0)
+    objective.fit(_regroup(features, np.zeros(40, dtype=int)), None, seed=0)
     batch = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
     objective.batch_components = objective.components(batch)
     losses = torch.rand(6, requires_grad=True)
@@ -67,7 +125,7 @@ def test_svd_grouped_reduces_to_grouped_on_orthogonal_groups():
     directions = torch.eye(3)
     features = torch.cat([directions[i].repeat(4, 1) * (i + 1) for i in range(3)])  # 3 groups of 4 on 3 axes
     objective = build_objective("svd_grouped", {"rank": 3, "feature_dim": 3}, num_groups=1)
-    objective.fit(features, features, np.repeat(np.arange(3), 4), seed=0)
+    objective.fit(_regroup(features, np.repeat(np.arange(3), 4)), None, seed=0)
     objective.scales = torch.ones(3)
     losses = torch.rand(12)
     objective.batch_components = objective.components(features)
@@ -77,13 +135,13 @@ def test_svd_grouped_reduces_to_grouped_on_orthogonal_groups():
     torch.testing.assert_close(svd.value, grouped.value)
 
 
-def test_gradient_cluster_assigns_to_nearest_centroid_and_uses_grouped_weights():
-    features, truth = _blocks([10, 10, 10], dim=16)
+def test_gradient_cluster_assigns_by_average_linkage_and_uses_grouped_weights():
+    features, truth = _signed_blocks([10, 10, 10], dim=16, noise=0.1)
     objective = build_objective("gradient_cluster", {"num_groups": 3, "feature_dim": 16}, num_groups=1)
-    record = objective.fit(features, features, truth, seed=0)
-    assert record["k"] == 3 and record["ari"] > 0.99 and record["assignment_agreement"] == 1.0
-    ids = objective.assign(features)
-    assert agreement(ids.numpy(), truth)["ari"] > 0.99
+    objective.members, objective.member_groups, objective.k = normalise_rows(features), torch.from_numpy(truth), 3
+    fresh, fresh_truth = _signed_blocks([10, 10, 10], dim=16, noise=0.1, seed=0)
+    ids = objective.assign(fresh * -1)  # flipped signs: the same groups under a sign-invariant similarity
+    assert agreement(ids.numpy(), fresh_truth)["ari"] == 1.0
     losses = torch.rand(30)
     weighting = objective.weigh(losses, ids)
     expected = build_objective("grouped", {}, 3).weigh(losses, ids)
@@ -91,10 +149,12 @@ def test_gradient_cluster_assigns_to_nearest_centroid_and_uses_grouped_weights()
 
 
 @pytest.mark.parametrize("objective, params", [
-    ("gradient_cluster", {"regroup_every": 4, "n_examples": 24, "sketch_dim": 64, "feature_dim": 32}),
+    ("gradient_cluster", {"regroup_every": 4, "n_examples": 24, "feature_dim": 32, "max_groups": 6}),
     ("gradient_cluster", {"regroup_every": 4, "n_examples": 24, "sketch_dim": 64, "feature_dim": 32, "num_groups": 2,
-                          "method": "spectral", "features": "sketch"}),
-    ("svd_grouped", {"regroup_every": 4, "n_examples": 24, "sketch_dim": 64, "feature_dim": 32}),
+                          "method": "kmeans", "features": "sketch", "engine": "sketch", "similarity": "abs"}),
+    ("gradient_cluster", {"regroup_every": 4, "n_examples": 24, "feature_dim": 32, "num_groups": 2, "engine": "exact",
+                          "subset": "all", "max_loss": 2.0}),
+    ("svd_grouped", {"regroup_every": 4, "n_examples": 24, "feature_dim": 32}),
 ])
 def test_gradient_objectives_train_end_to_end_and_record_regroupings(tmp_path, tiny_config, objective, params):
     config = tiny_config.model_copy(update={"objectives": [objective], "objective": {objective: params}})
@@ -107,7 +167,7 @@ def test_gradient_objectives_train_end_to_end_and_record_regroupings(tmp_path, t
 
 
 def test_gradient_objective_resume_is_exact(tmp_path, tiny_config):
-    params = {"regroup_every": 3, "n_examples": 24, "sketch_dim": 64, "feature_dim": 32}
+    params = {"regroup_every": 3, "n_examples": 24, "feature_dim": 32}
     config = tiny_config.model_copy(update={"objectives": ["svd_grouped"], "objective": {"svd_grouped": params}})
     train_run(config, "svd_grouped", 0, tmp_path / "whole")
 

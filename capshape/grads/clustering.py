@@ -22,6 +22,7 @@ the idea behind consensus clustering, Monti et al. 2003).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -92,7 +93,9 @@ def cluster_similarity(similarity: np.ndarray, k: int, method: str, seed: int,
         return np.zeros(len(similarity), dtype=int)
     if method == "spectral":
         graph = knn_graph(similarity, neighbours)
-        return SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed).fit_predict(graph)
+        with warnings.catch_warnings():  # a kNN graph of well-separated groups is rightly disconnected
+            warnings.filterwarnings("ignore", message="Graph is not fully connected")
+            return SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed).fit_predict(graph)
     if method == "kmeans":
         embedding = _kernel_embedding(similarity, min(len(similarity), max(2 * k, 16)))
         return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(embedding)

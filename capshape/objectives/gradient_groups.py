@@ -45,7 +45,7 @@ class GradientGroupedObjective(Objective):
         self.feature_sketcher: GradientSketcher | None = None
 
     def _setup(self, model: torch.nn.Module) -> None:
-        """The per-batch feature projection is fixed for the whole run (seed 0), so centroids and
+        """The per-batch feature projection is fixed for the whole run (seed 0), so groups and
         directions fitted at one regrouping stay comparable with every later batch."""
         if self.recorder is None:
             self.recorder = OutputLayerRecorder(model)

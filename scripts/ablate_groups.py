@@ -1,0 +1,127 @@
+"""The README's group-discovery ablation: ARI against the true tasks of each discovery choice, changed
+one at a time from the default (capshape.grads.discovery.DiscoveryOptions), at several steps of
+several seeds' runs; mean over seeds with a 95 % t interval.
+
+    python scripts/ablate_groups.py RUN_DIR [RUN_DIR ...] --steps 1000 2000 4000 --out ablation.json
+        [--per-task 64] [--min-task-accuracy 0.9] [--auto-k]
+
+Each RUN_DIR is one seed's run with snapshots at the steps (train.snapshot_every). k is the true
+number of (kept) tasks, so the table compares features and clusterings, not the choice of k;
+--auto-k adds one row per k criterion with the chosen k.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from capshape.experiments.groups import load_run_model
+from capshape.grads.discovery import DiscoveryOptions, cluster_gram
+from capshape.grads.gram import example_gram
+from capshape.models import per_example_losses
+from capshape.train.evaluate import evaluate
+
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "similarity = cosine": {"similarity": "cosine"},
+    "similarity = angular": {"similarity": "angular"},
+    "similarity = abs": {"similarity": "abs"},
+    "centre = true": {"centre": True},
+    "subset = no_embed_norm": {"subset": "no_embed_norm"},
+    "subset = output": {"subset": "output"},
+    "subset = block:0": {"subset": "block:0"},
+    "engine = gram (linear layers)": {"engine": "gram", "subset": "no_embed_norm"},
+    "engine = sketch (1024, linear layers)": {"engine": "sketch", "subset": "no_embed_norm"},
+    "max_loss = 0.3 (low-loss filter)": {"max_loss": 0.3},
+    "method = kmeans": {"method": "kmeans"},
+    "method = agglomerative": {"method": "agglomerative"},
+    "neighbours = dense": {"neighbours": None},
+    "Michaud et al. 2023 (no_embed_norm, angular, dense spectral)": {
+        "subset": "no_embed_norm", "similarity": "angular", "neighbours": None},
+}
+AUTO = {"auto k: eigengap": {"k_criterion": "eigengap"}, "auto k: stability": {"k_criterion": "stability"},
+        "auto k: silhouette": {"k_criterion": "silhouette"}}
+
+
+def examples(run_dir: Path, step: int, per_task: int, min_task_accuracy: float):
+    _, prepared, model = load_run_model(run_dir, step)
+    trained = [d for d, t in zip(prepared.data, prepared.suite.trained) if t]
+    accuracy = evaluate(model, trained, "cpu")
+    chosen = [d for d in trained if accuracy[d.task.name]["accuracy"] >= min_task_accuracy]
+    inputs = torch.cat([d.held_out.inputs[:per_task] for d in chosen])
+    labels = torch.cat([d.held_out.labels[:per_task] for d in chosen])
+    truth = np.repeat(np.arange(len(chosen)), [min(per_task, len(d.held_out.inputs)) for d in chosen])
+    return model, inputs, labels, truth
+
+
+def measure(run_dir: Path, step: int, args) -> dict[str, dict]:
+    model, inputs, labels, truth = examples(run_dir, step, args.per_task, args.min_task_accuracy)
+    true_k = len(np.unique(truth))
+    if true_k < 2:
+        return {}
+    with torch.no_grad():
+        losses = per_example_losses(model(inputs), labels).double().numpy()
+    grams: dict[tuple, np.ndarray] = {}
+    results = {}
+    variants = {**VARIANTS, **(AUTO if args.auto_k else {})}
+    for name, change in variants.items():
+        fixed_k = {} if name in AUTO else {"num_groups": true_k}
+        options = DiscoveryOptions(**fixed_k, **change)
+        key = (options.engine, options.subset)
+        if key not in grams:
+            grams[key] = example_gram(model, inputs, labels, options.engine, options.subset, options.sketch_dim).numpy()
+        record = cluster_gram(grams[key], losses, options, seed=0).record(truth)
+        results[name] = {"ari": record["ari"], "k": record["k"], "true_k": true_k}
+        print(f"{run_dir} step {step}: {name}: ARI {record['ari']:.3f}, k {record['k']}/{true_k}", flush=True)
+    return results
+
+
+def interval(values: list[float]) -> dict:
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return {"mean": mean, "low": None, "high": None, "n": len(values)}
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--steps", nargs="+", type=int, required=True)
+    parser.add_argument("--per-task", type=int, default=64)
+    parser.add_argument("--min-task-accuracy", type=float, default=0.0)
+    parser.add_argument("--auto-k", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    raw = {str(run): {str(step): measure(run, step, args) for step in args.steps} for run in args.runs}
+    names = list(dict.fromkeys(name for run in raw.values() for step in run.values() for name in step))
+    table = {name: {str(step): {"ari": interval([raw[str(run)][str(step)][name]["ari"] for run in args.runs
+                                                  if name in raw[str(run)][str(step)]]),
+                                "k": [raw[str(run)][str(step)][name]["k"] for run in args.runs if name in raw[str(run)][str(step)]],
+                                "true_k": [raw[str(run)][str(step)][name]["true_k"] for run in args.runs
+                                           if name in raw[str(run)][str(step)]]}
+                    for step in args.steps}
+             for name in names}
+    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "raw": raw, "table": table},
+                                   indent=2) + "\n")
+    fmt = lambda s: f"{s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]" if s["low"] is not None else f"{s['mean']:.2f}"
+    print("| choice | " + " | ".join(f"step {s}" for s in args.steps) + " |")
+    print("|---|" + "---|" * len(args.steps))
+    for name in names:
+        cells = []
+        for step in args.steps:
+            cell = table[name][str(step)]
+            k_note = f" (k {cell['k']}, true {cell['true_k']})" if name in AUTO else ""
+            cells.append((fmt(cell["ari"]) if cell["ari"]["n"] else "—") + k_note)
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -66,3 +66,33 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path):
         assert "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_groups_on_a_run_writes_agreement_and_the_ordered_similarity_matrix(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY.replace('tasks = ["copy", "reverse"]', 'tasks = ["copy", "reverse", "add"]'))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(config), "--out", str(out), "--set", 'objectives=["mean"]',
+                                 "--set", "train.snapshot_every=3"])
+    assert result.exit_code == 0, result.output
+    run = out / "mean-seed0"
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == [
+        "step_0000000.safetensors", "step_0000003.safetensors", "step_0000006.safetensors"]
+    groups = tmp_path / "groups"
+    result = runner.invoke(app, ["groups", str(run), "--out", str(groups), "--step", "3", "--per-task", "8",
+                                 "--set", "num_groups=3", "--set", "neighbours=4"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((groups / "groups.json").read_text())
+    assert record["k"] == 3 and record["true_k"] == 3 and record["step"] == 3
+    assert {"ari", "nmi", "purity", "sizes", "confusion"} <= set(record) and sum(record["sizes"]) == 24
+    assert -1 <= record["ari"] <= 1 and 0 <= record["purity"] <= 1
+    assert record["example_task"] == sorted(record["example_task"])  # ordered by true task
+    assert "Similarity matrix" in (groups / "report.html").read_text()
+    assert (groups / "similarity.npy").stat().st_size > 24 * 24 * 4
+
+    for args, message in [(["--step", "4"], "no snapshot at step 4"),
+                          (["--set", "similarity=cosin"], "config field 'similarity'"),
+                          (["--min-task-accuracy", "1.5"], "only 0 task(s)")]:
+        result = runner.invoke(app, ["groups", str(run), "--out", str(tmp_path / "bad"), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "bad" / "groups.json").exists()

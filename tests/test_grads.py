@@ -49,6 +49,18 @@ def test_exact_matches_per_example_loop_and_restricts_to_params():
         per_example_gradients(model, inputs, labels, params=["nope"])
 
 
+def test_exact_writes_into_out_in_place():
+    model, (inputs, labels) = tiny_transformer(), token_batch()
+    expected = per_example_gradients(model, inputs, labels)
+    out = torch.full_like(expected, float("nan"), dtype=torch.float64)
+    assert per_example_gradients(model, inputs, labels, chunk_size=4, out=out) is out
+    torch.testing.assert_close(out, expected.double(), rtol=0, atol=1e-6)
+    with pytest.raises(CapshapeError, match=r"out has shape \(6, 3\), not \[N, P\]"):
+        per_example_gradients(model, inputs, labels, out=torch.empty(6, 3))
+    with pytest.raises(CapshapeError, match="No parameters"):
+        per_example_gradients(model, inputs, labels, params=[])
+
+
 @pytest.mark.parametrize("kind", ["transformer", "mlp"])
 def test_gram_equals_gram_of_exact_linear_layer_gradients(kind):
     if kind == "transformer":

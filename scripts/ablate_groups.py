@@ -7,7 +7,7 @@ several seeds' runs; mean over seeds with a 95 % t interval.
 
 Each RUN_DIR is one seed's run with snapshots at the steps (train.snapshot_every). k is the true
 number of (kept) tasks, so the table compares features and clusterings, not the choice of k;
---auto-k adds one row per k criterion with the chosen k.
+--auto-k adds one row per k criterion with the chosen k (searched over 2..max(16, 2·true k)).
 """
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ VARIANTS: dict[str, dict] = {
     "similarity = angular": {"similarity": "angular"},
     "similarity = abs": {"similarity": "abs"},
     "centre = true": {"centre": True},
+    "subset = all": {"subset": "all"},
     "subset = no_embed_norm": {"subset": "no_embed_norm"},
     "subset = output": {"subset": "output"},
     "subset = block:0": {"subset": "block:0"},
-    "engine = gram (linear layers)": {"engine": "gram", "subset": "no_embed_norm"},
-    "engine = sketch (1024, linear layers)": {"engine": "sketch", "subset": "no_embed_norm"},
+    "engine = gram (exact, linear layers: no_embed_norm)": {"engine": "gram", "subset": "no_embed_norm"},
+    "engine = sketch (1024, linear layers: no_embed_norm)": {"engine": "sketch", "subset": "no_embed_norm"},
     "max_loss = 0.3 (low-loss filter)": {"max_loss": 0.3},
     "method = kmeans": {"method": "kmeans"},
     "method = agglomerative": {"method": "agglomerative"},
@@ -69,8 +70,8 @@ def measure(run_dir: Path, step: int, args) -> dict[str, dict]:
     results = {}
     variants = {**VARIANTS, **(AUTO if args.auto_k else {})}
     for name, change in variants.items():
-        fixed_k = {} if name in AUTO else {"num_groups": true_k}
-        options = DiscoveryOptions(**fixed_k, **change)
+        k_choice = {"max_groups": max(16, 2 * true_k)} if name in AUTO else {"num_groups": true_k}
+        options = DiscoveryOptions(**k_choice, **change)
         key = (options.engine, options.subset)
         if key not in grams:
             grams[key] = example_gram(model, inputs, labels, options.engine, options.subset, options.sketch_dim).numpy()

@@ -76,8 +76,16 @@ def test_exact_and_linear_gram_engines_agree_on_linear_layers():
     labels[:, :4] = -100
     exact = example_gram(model, inputs, labels, "exact", "no_embed_norm")
     torch.testing.assert_close(example_gram(model, inputs, labels, "gram", "no_embed_norm"), exact, rtol=1e-4, atol=1e-9)
+    sketched = example_gram(model, inputs, labels, "sketch", "no_embed_norm", sketch_dim=4096, seed=0)
+    assert torch.corrcoef(torch.stack([sketched.flatten(), exact.flatten()]))[0, 1] > 0.9  # unbiased, noisy
     assert not any("embedding" in name or "ln" in name for name in subset_parameters(model, "no_embed_norm"))
     assert all(name.startswith("blocks.0.") for name in subset_parameters(model, "block:0"))
+    lower = subset_parameters(model, "lower:1")
+    assert lower[:2] == ["token_embedding.weight", "position_embedding.weight"] and "unembed.weight" not in lower
+    assert lower[2:] == subset_parameters(model, "block:0") == subset_parameters(model, "blocks.0.")
+    assert subset_parameters(model, "unembed,token_embedding") == ["token_embedding.weight", "unembed.weight"]
+    with pytest.raises(CapshapeError, match="Unknown parameter subset"):
+        subset_parameters(model, "unembed,nonexistent")
     with pytest.raises(CapshapeError, match="engine 'exact'"):
         example_gram(model, inputs, labels, "gram", "all")
     with pytest.raises(CapshapeError, match="Unknown parameter subset"):

@@ -24,7 +24,8 @@ class DiscoveryOptions(BaseModel):
     engine: Literal["exact", "gram", "sketch"] = Field(
         "exact", description="Per-example gradient Gram: exact (vmap, any parameter), gram (exact, linear layers), "
                             "sketch (random projection of linear layers, sketch_dim coordinates).")
-    subset: str = Field("all", description="Parameters: all, no_embed_norm, output or block:<i>.")
+    subset: str = Field("lower:1", description="Parameters: all, no_embed_norm, lower:<n> (embeddings and the first n "
+                                               "blocks), output, block:<i>, or name prefixes separated by commas.")
     sketch_dim: int = Field(1024, gt=0, description="Sketch size when engine = 'sketch'.")
     similarity: Literal["cosine", "angular", "abs", "squared"] = Field(
         "squared", description="Affinity from the cosine C: max(C,0), 1 − arccos(C)/π, |C| or C².")

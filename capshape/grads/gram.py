@@ -55,21 +55,30 @@ def sketch_gram(sketches: torch.Tensor) -> torch.Tensor:
     return sketches @ sketches.T
 
 
-SUBSETS = ("all", "no_embed_norm", "output", "block:<i>")
+SUBSETS = ("all", "no_embed_norm", "lower:<n>", "output", "block:<i>", "a comma-separated list of parameter-name prefixes")
 ENGINES = ("exact", "gram", "sketch")
 
 
 def subset_parameters(model: nn.Module, subset: str) -> list[str]:
     """Trainable parameter names of a subset: `all`; `no_embed_norm` (without embeddings and LayerNorm,
-    as Michaud et al. 2023); `output` (the last linear layer); `block:<i>` (under blocks.i / layers.i)."""
+    as Michaud et al. 2023); `lower:<n>` (the embeddings and the first n blocks: blocks.i / layers.i,
+    i < n); `output` (the last linear layer); `block:<i>` (blocks.i / layers.i); or parameter-name
+    prefixes separated by commas, e.g. "token_embedding,blocks.0"."""
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if subset == "all":
         return trainable
+    embeddings = {f"{module_name}.{name}" for module_name, module in model.named_modules()
+                  if isinstance(module, nn.Embedding) for name, _ in module.named_parameters(recurse=False)}
     if subset == "no_embed_norm":
-        skipped = {f"{module_name}.{name}" if module_name else name
-                   for module_name, module in model.named_modules() if isinstance(module, (nn.Embedding, nn.LayerNorm))
-                   for name, _ in module.named_parameters(recurse=False)}
-        return [name for name in trainable if name not in skipped]
+        norms = {f"{module_name}.{name}" if module_name else name
+                 for module_name, module in model.named_modules() if isinstance(module, nn.LayerNorm)
+                 for name, _ in module.named_parameters(recurse=False)}
+        return [name for name in trainable if name not in embeddings | norms]
+    if subset.startswith("lower:") and subset[6:].isdigit():
+        blocks = tuple(f"{container}.{i}." for container in ("blocks", "layers") for i in range(int(subset[6:])))
+        chosen = [name for name in trainable if name in embeddings or name.startswith(blocks)]
+        if chosen:
+            return chosen
     if subset == "output":
         last = list(linear_layers(model))[-1]
         return [name for name in trainable if name.startswith(f"{last}.")]
@@ -78,6 +87,10 @@ def subset_parameters(model: nn.Module, subset: str) -> list[str]:
         chosen = [name for name in trainable if name.startswith(prefixes)]
         if chosen:
             return chosen
+    prefixes = tuple(prefix.strip() for prefix in subset.split(",") if prefix.strip())
+    chosen = [name for name in trainable if prefixes and name.startswith(prefixes)]
+    if chosen and all(any(name.startswith(prefix) for name in trainable) for prefix in prefixes):
+        return chosen
     raise CapshapeError(f"Unknown parameter subset '{subset}' for this model: use one of {', '.join(SUBSETS)}.")
 
 

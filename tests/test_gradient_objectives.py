@@ -53,6 +53,17 @@ def test_k_criteria_find_the_planted_number_of_groups(criterion):
     assert found.k == 5 and sorted(int(k) for k in found.record()["criterion"]) == list(range(2, 10))
 
 
+def test_k_smoothing_follows_the_previous_refits_criterion():
+    features, _ = _signed_blocks([40, 30, 50, 35, 45])
+    gram, losses = (features @ features.T).double().numpy(), np.ones(200)
+    options = DiscoveryOptions(num_groups="auto", max_groups=9)
+    fresh = cluster_gram(gram, losses, options, 0)
+    favour_three = {k: (1.0 if k == 3 else 0.0) for k in fresh.criterion}
+    assert cluster_gram(gram, losses, options, 0, favour_three, smoothing=0.0).k == fresh.k == 5
+    smoothed = cluster_gram(gram, losses, options, 0, favour_three, smoothing=0.9)
+    assert smoothed.k == 3 and smoothed.criterion[3] == pytest.approx(0.9 + 0.1 * fresh.criterion[3])
+
+
 def test_similarities_centring_and_loss_filter():
     gram = np.array([[4.0, -2.0, 0.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 9.0]])  # cos(0, 1) = -1
     np.testing.assert_allclose(similarity_matrix(gram, "cosine")[0, 1], 0.0)
@@ -174,12 +185,13 @@ def test_gradient_objectives_train_end_to_end_and_record_regroupings(tmp_path, t
     assert "Groups found from gradients" in build_report(tmp_path / "r").read_text()
 
 
-def test_gradient_objective_resume_is_exact(tmp_path, tiny_config):
+@pytest.mark.parametrize("objective", ["svd_grouped", "gradient_cluster"])
+def test_gradient_objective_resume_is_exact(tmp_path, tiny_config, objective):
     params = {"regroup_every": 3, "n_examples": 24, "feature_dim": 32}
-    config = tiny_config.model_copy(update={"objectives": ["svd_grouped"], "objective": {"svd_grouped": params}})
-    train_run(config, "svd_grouped", 0, tmp_path / "whole")
+    config = tiny_config.model_copy(update={"objectives": [objective], "objective": {objective: params}})
+    train_run(config, objective, 0, tmp_path / "whole")
 
-    interrupted_run(config, "svd_grouped", tmp_path / "cut", at_step=6)
-    train_run(config, "svd_grouped", 0, tmp_path / "cut", resume=True)
+    interrupted_run(config, objective, tmp_path / "cut", at_step=6)
+    train_run(config, objective, 0, tmp_path / "cut", resume=True)
     strip = lambda p: [{k: v for k, v in r.items() if k != "seconds"} for r in RunDir(p).read_metrics()]
     assert strip(tmp_path / "cut") == strip(tmp_path / "whole")

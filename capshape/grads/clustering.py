@@ -137,7 +137,12 @@ def choose_k(similarity: np.ndarray, max_groups: int, criterion: str, method: st
         curve = {k: _stability(similarity, k, method, seed, neighbours, resamples) for k in ks}
     else:
         raise CapshapeError(f"Unknown k criterion '{criterion}': use one of {', '.join(K_CRITERIA)}.")
-    return max(curve, key=lambda k: (curve[k], -k)), curve
+    return best_k(curve), curve
+
+
+def best_k(curve: dict[int, float]) -> int:
+    """The k of the highest score; the smallest such k on ties."""
+    return max(curve, key=lambda k: (curve[k], -k))
 
 
 K_CRITERIA = ("eigengap", "silhouette", "stability")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from capshape.grads.clustering import agreement, choose_k, cluster_similarity, confusion, similarity_matrix
+from capshape.grads.clustering import agreement, best_k, choose_k, cluster_similarity, confusion, similarity_matrix
 from capshape.grads.gram import example_gram
 from capshape.models import per_example_losses
 
@@ -58,14 +58,20 @@ class Discovery:
         return out
 
 
-def cluster_gram(gram: np.ndarray, losses: np.ndarray, options: DiscoveryOptions, seed: int) -> Discovery:
-    """The pipeline after the Gram: loss filter, similarity, k, clustering."""
+def cluster_gram(gram: np.ndarray, losses: np.ndarray, options: DiscoveryOptions, seed: int,
+                 previous: Optional[dict[int, float]] = None, smoothing: float = 0.0) -> Discovery:
+    """The pipeline after the Gram: loss filter, similarity, k, clustering. With a `previous` criterion
+    curve (from the last refit), k maximises the smoothed curve smoothing·previous + (1 − smoothing)·curve,
+    an exponential moving average over refits that keeps one noisy refit from moving k."""
     kept = np.ones(len(gram), dtype=bool) if options.max_loss is None else losses <= options.max_loss
     if kept.sum() < 3:  # too few low-loss examples to cluster (early in training): cluster them all
         kept = np.ones(len(gram), dtype=bool)
     similarity = similarity_matrix(np.asarray(gram)[np.ix_(kept, kept)], options.similarity, options.centre)
     if options.num_groups == "auto":
         k, curve = choose_k(similarity, options.max_groups, options.k_criterion, options.method, seed, options.neighbours)
+        if previous and previous.keys() == curve.keys():
+            curve = {j: smoothing * previous[j] + (1 - smoothing) * curve[j] for j in curve}
+            k = best_k(curve)
     else:
         k, curve = min(options.num_groups, int(kept.sum())), {}
     labels = cluster_similarity(similarity, k, options.method, seed, options.neighbours)

@@ -33,6 +33,8 @@ class GradientClusterParams(GradientGroupParams, DiscoveryOptions):
 
     engine: Literal["exact", "gram", "sketch"] = Field("gram", description=DiscoveryOptions.model_fields["engine"].description)
     subset: str = Field("no_embed_norm", description=DiscoveryOptions.model_fields["subset"].description)
+    k_smoothing: float = Field(0.5, ge=0, lt=1, description="With num_groups = 'auto', k maximises this moving "
+                                                            "average over refits of the criterion curve (0: this refit's alone).")
 
 
 @OBJECTIVES.register("gradient_cluster")
@@ -44,6 +46,7 @@ class GradientCluster(GradientGroupedObjective):
         self.members = torch.zeros(1, params.feature_dim)  # unit features of the regrouping examples [N, f]
         self.member_groups = torch.zeros(1, dtype=torch.long)  # their groups [N]
         self.k = 1
+        self.criterion = torch.zeros(0, dtype=torch.float64)  # smoothed k criterion for k = 2.. (empty: none yet)
 
     def fit(self, regroup: Regroup, model, seed) -> dict:
         params = self.params
@@ -51,7 +54,9 @@ class GradientCluster(GradientGroupedObjective):
             losses = per_example_losses(model(regroup.inputs), regroup.labels).double().cpu().numpy()
         gram = example_gram(model, regroup.inputs, regroup.labels, params.engine, params.subset, params.sketch_dim,
                             seed, captured=regroup.factors())
-        found = cluster_gram(gram.cpu().numpy(), losses, params, seed)
+        previous = {k: float(v) for k, v in enumerate(self.criterion.tolist(), start=2)}
+        found = cluster_gram(gram.cpu().numpy(), losses, params, seed, previous, params.k_smoothing)
+        self.criterion = torch.tensor([found.criterion[k] for k in sorted(found.criterion)], dtype=torch.float64)
         kept = torch.from_numpy(found.kept)
         self.members = normalise_rows(regroup.features[kept].float())
         self.member_groups = torch.from_numpy(found.labels).long()
@@ -77,8 +82,10 @@ class GradientCluster(GradientGroupedObjective):
         return grouped_weighting(per_example_losses, group_ids, self.k, self.params.p)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"members": self.members, "member_groups": self.member_groups, "k": torch.tensor(self.k)}
+        return {"members": self.members, "member_groups": self.member_groups, "k": torch.tensor(self.k),
+                "criterion": self.criterion}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.members, self.member_groups = state["members"].clone(), state["member_groups"].clone()
         self.k = int(state["k"])
+        self.criterion = state["criterion"].clone()

@@ -4,10 +4,12 @@ AdamW step) on the demo model and one batch, measured side by side (interleaved,
     python benchmarks/grad_engine.py [--batch 256] [--repeats 10] [--threads 1] [--device cpu]
 
 "bare vmap(grad)" is torch.func alone on the whole batch: functional_call + vmap(grad), per-parameter
-[N, *shape] tensors, no flattening: the baseline for "exact [N, P]" (`per_example_gradients`), which
-also writes them into one [N, P] result. "exact, out=" passes the same preallocated [N, P] buffer
-every call: the gap between the two exact rows is the cost of a fresh result, on CPU mostly
-first-touch page faults (PyTorch's THP_MEM_ALLOC_ENABLE=1, huge pages for large allocations, cuts them).
+[N, *shape] tensors, no flattening. "exact [N, P]" is `per_example_gradients` as called by default
+(method="factors": one forward and one backward per chunk, per-example gradients from each layer's
+inputs and output gradients); "vmap [N, P]" is method="vmap", torch.func writing into the same [N, P]
+layout. The "out=" rows pass the same preallocated [N, P] buffer every call: the gap between an
+engine's two rows is the cost of a fresh result, on CPU mostly first-touch page faults (PyTorch's
+THP_MEM_ALLOC_ENABLE=1, huge pages for large allocations, cuts them).
 
 Memory, on CPU: the growth of the process's peak resident set (Linux VmHWM, reset through
 /proc/self/clear_refs after gc and malloc_trim) during one call: everything the call allocates and
@@ -114,6 +116,8 @@ def main() -> None:
         "bare vmap(grad)": partial(bare_vmap_grad, model, inputs, labels),
         "exact [N, P]": partial(per_example_gradients, model, inputs, labels),
         "exact, out=": partial(per_example_gradients, model, inputs, labels, out=buffer),
+        "vmap [N, P]": partial(per_example_gradients, model, inputs, labels, method="vmap"),
+        "vmap, out=": partial(per_example_gradients, model, inputs, labels, out=buffer, method="vmap"),
     }
 
     def timed(fn: Callable[[], Result]) -> float:

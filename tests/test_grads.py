@@ -1,11 +1,15 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from capshape.config import ModelConfig
 from capshape.errors import CapshapeError
 from capshape.grads import (GradientSketcher, capture_linear_io, gradient_gram, linear_layer_names,
                             per_example_gradients, sketch_gram)
-from capshape.models import MLPClassifier, Transformer, per_example_losses
+from capshape.grads import exact
+from capshape.models import MLPClassifier, Transformer, build_model, per_example_losses
+from capshape.tasks.suites import InputSpec
 
 
 def tiny_transformer() -> Transformer:
@@ -36,17 +40,110 @@ def loop_gradients(model, inputs, labels, params):
     return torch.stack(rows)
 
 
-def test_exact_matches_per_example_loop_and_restricts_to_params():
+@pytest.fixture
+def vmapped(monkeypatch) -> list[str]:
+    """The parameters that per_example_gradients hands to vmap, recorded as it runs."""
+    names, vmap_gradients = [], exact._vmap_gradients
+
+    def recorded(model, inputs, labels, theta, *rest):
+        names.extend(theta)
+        vmap_gradients(model, inputs, labels, theta, *rest)
+
+    monkeypatch.setattr(exact, "_vmap_gradients", recorded)
+    return names
+
+
+@pytest.mark.parametrize("method", exact.METHODS)
+def test_exact_matches_per_example_loop_and_restricts_to_params(method, vmapped):
     model = tiny_transformer()
     inputs, labels = token_batch()
     all_params = [name for name, _ in model.named_parameters()]
-    exact = per_example_gradients(model, inputs, labels, chunk_size=4)
-    torch.testing.assert_close(exact, loop_gradients(model, inputs, labels, all_params), rtol=0, atol=1e-5)
+    grads = per_example_gradients(model, inputs, labels, chunk_size=4, method=method)
+    torch.testing.assert_close(grads, loop_gradients(model, inputs, labels, all_params), rtol=0, atol=1e-5)
     some = ["blocks.0.ln_attn.weight", "unembed.weight"]
-    torch.testing.assert_close(per_example_gradients(model, inputs, labels, params=some),
+    torch.testing.assert_close(per_example_gradients(model, inputs, labels, params=some, method=method),
                                loop_gradients(model, inputs, labels, some), rtol=0, atol=1e-5)
+    assert vmapped == (all_params + some if method == "vmap" else [])
     with pytest.raises(CapshapeError, match="Unknown parameter 'nope'"):
         per_example_gradients(model, inputs, labels, params=["nope"])
+    with pytest.raises(CapshapeError, match="Unknown method 'jvp'"):
+        per_example_gradients(model, inputs, labels, method="jvp")
+
+
+@pytest.mark.parametrize("n", [1, 10])
+def test_factors_cover_every_transformer_parameter(n, vmapped):
+    """Embeddings (the position embedding's ids arange(T) as long as the batch when n = 10), LayerNorm,
+    biases, padding labels, chunks of unequal size, and a subset of parameters; nothing left to vmap."""
+    model = tiny_transformer()
+    inputs, labels = token_batch(n)
+    all_params = [name for name, _ in model.named_parameters()]
+    torch.testing.assert_close(per_example_gradients(model, inputs, labels, chunk_size=4),
+                               loop_gradients(model, inputs, labels, all_params), rtol=0, atol=1e-5)
+    some = ["position_embedding.weight", "blocks.0.ln_mlp.bias", "blocks.0.mlp.up.weight", "ln_final.weight"]
+    torch.testing.assert_close(per_example_gradients(model, inputs, labels, params=some),
+                               loop_gradients(model, inputs, labels, some), rtol=0, atol=1e-5)
+    assert vmapped == []
+
+
+def test_factors_on_the_mlp(vmapped):
+    model = MLPClassifier(d_in=5, width=8, depth=2, n_classes=3)
+    inputs, labels = torch.randn(7, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    for params in ([name for name, _ in model.named_parameters()], ["layers.0.linear.bias", "readout.weight"]):
+        torch.testing.assert_close(per_example_gradients(model, inputs, labels, chunk_size=3, params=params),
+                                   loop_gradients(model, inputs, labels, params), rtol=0, atol=1e-5)
+    assert vmapped == []
+
+
+class Unusual(nn.Module):
+    """Covered modules used in unusual ways, and two parameters that the factors cannot give."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 8, padding_idx=0)  # no gradient for the rows of id 0
+        self.positions = nn.Linear(3, 8)  # applied to a buffer: a call shared by every example
+        self.register_buffer("features", torch.randn(10, 3))
+        self.mix = nn.Linear(8, 8)  # called twice
+        self.norm = nn.LayerNorm(8, bias=False)
+        self.scale = nn.Parameter(torch.ones(8))  # no module: left to vmap
+        self.head = nn.Linear(8, 30)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.positions(self.features[:tokens.shape[1]])
+        x = self.mix(torch.tanh(self.mix(x)))
+        return self.head(self.norm(x) * self.scale) + F.linear(x, self.head.weight)  # head.weight also outside head
+
+
+def test_factors_leave_what_they_cannot_cover_to_vmap(vmapped):
+    torch.manual_seed(0)
+    model = Unusual()
+    inputs, labels = token_batch()
+    inputs[1, 5:7] = 0  # scored positions
+    all_params = [name for name, _ in model.named_parameters()]
+    torch.testing.assert_close(per_example_gradients(model, inputs, labels, chunk_size=4),
+                               loop_gradients(model, inputs, labels, all_params), rtol=0, atol=1e-5)
+    assert sorted(vmapped) == ["head.weight", "scale"]
+    vmapped.clear()
+    # One token: the position embedding's [1, d] output, broadcast as if batched, would change the
+    # model's result, so every parameter goes to vmap.
+    transformer, (inputs, labels), position = tiny_transformer(), token_batch(), ["position_embedding.weight"]
+    inputs, labels = inputs[:, :1], labels[:, 5:6]
+    torch.testing.assert_close(per_example_gradients(transformer, inputs, labels, params=position),
+                               loop_gradients(transformer, inputs, labels, position), rtol=0, atol=1e-5)
+    assert vmapped == position
+
+
+def test_factors_sum_gpt2_tied_weights(vmapped):
+    """GPT-2's lm_head is wte: its gradient is the embedding's plus the unembedding's."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="hf_gpt2", n_layer=1, n_head=2, d_model=16, d_mlp=32, max_len=16),
+                        InputSpec("tokens", vocab_size=30))
+    assert model.hf.lm_head.weight is model.hf.transformer.wte.weight
+    inputs, labels = token_batch()
+    all_params = [name for name, _ in model.named_parameters()]
+    torch.testing.assert_close(per_example_gradients(model, inputs, labels, chunk_size=4),
+                               loop_gradients(model, inputs, labels, all_params), rtol=0, atol=1e-5)
+    assert vmapped == []
 
 
 def test_exact_writes_into_out_in_place():
@@ -101,13 +198,14 @@ def test_sketch_error_shrinks_between_k_to_the_minus_quarter_and_half():
     assert 0.9 * 16 ** 0.25 < rms_relative_error(64) / rms_relative_error(1024) < 1.1 * 16 ** 0.5
 
 
-def test_sketch_and_gram_leave_grads_and_hooks_untouched():
+def test_engines_leave_grads_and_hooks_untouched():
     model, (inputs, labels) = tiny_transformer(), token_batch()
     sketches = GradientSketcher(model, k=64, seed=0)(inputs, labels)
     gradient_gram(model, inputs, labels)
+    per_example_gradients(model, inputs, labels)
     assert sketches.shape == (6, 64)
     assert all(p.grad is None for p in model.parameters())
-    assert not any(m._forward_hooks for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_mlp_inputs_without_token_axis_and_layer_selection():

@@ -1,4 +1,5 @@
-"""Per-example gradients: exact (vmap), exact Gram over linear layers, and random-projection sketches."""
+"""Per-example gradients: exact (layer factors, vmap fallback), exact Gram over linear layers, random-projection
+sketches, and group discovery from their Gram (discovery.py)."""
 from capshape.grads.capture import capture_linear_io, linear_layer_names
 from capshape.grads.exact import per_example_gradients
 from capshape.grads.gram import gradient_gram, sketch_gram

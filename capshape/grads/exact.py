@@ -1,7 +1,8 @@
-"""Exact per-example gradients, [N, P], by vmap(grad) over a functional call of the model.
+"""Exact per-example gradients, [N, P]: every trainable parameter (or a named subset), by layer factors
+(factors.py) where the model's modules allow, by vmap(grad) over a functional call of the model for the rest.
 
-The reference the cheaper engines are checked against, and the only one that covers every
-parameter (embeddings, LayerNorm). Memory is N·P numbers plus chunk_size examples' intermediates.
+The reference the cheaper engines (Gram, sketch) are checked against. Memory is N·P numbers plus the
+intermediates of chunk_size examples.
 """
 from __future__ import annotations
 
@@ -13,21 +14,31 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from capshape.errors import CapshapeError
+from capshape.grads.factors import write_factor_gradients
 from capshape.models import per_example_losses
+
+METHODS = ("factors", "vmap")
 
 
 def per_example_gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, chunk_size: int = 128,
-                          params: list[str] | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+                          params: list[str] | None = None, *, out: torch.Tensor | None = None,
+                          method: str = "factors") -> torch.Tensor:
     """Row n is d per_example_losses(model(inputs), labels)[n] / dθ, flattened in named_parameters order
     over `params` (default: every trainable parameter).
 
-    vmap(grad) runs chunk_size examples at a time; each chunk pays a fixed dispatch cost (about 9 ms on
-    the demo model, 1 thread), so larger chunks are cheaper until their intermediates outgrow memory.
-    Each chunk's per-parameter gradients are concatenated straight into their rows of the [N, P]
-    result: one copy, no per-chunk [chunk, P] temporary. `out`, an [N, P] tensor, receives the rows
-    in place and is returned: repeated calls that reuse it skip faulting in N·P fresh numbers, which
-    on CPU costs several times the copy itself (see benchmarks/grad_engine.py).
+    method="factors" (the default) takes the parameters of nn.Linear, nn.Embedding, nn.LayerNorm and
+    GPT-2's Conv1D from one forward and one backward to the layer outputs per chunk, as closed forms in
+    each layer's inputs and output gradients (factors.py), and leaves any other parameter to vmap.
+    method="vmap" runs vmap(grad) for every parameter: the same numbers, but a fixed dispatch cost per
+    chunk and per-example weight gradients through batching rules. On the demo model (batch 256, one
+    thread, with `out=`) that is 1.2-1.5x a training step for factors against 1.4-1.7x for vmap
+    (benchmarks/grad_engine.py). Either writes each chunk's gradients straight into their columns of
+    the [N, P] result, with no [chunk, P] temporary. `out`, an [N, P] tensor, receives the rows in
+    place and is returned: repeated calls that reuse it skip faulting in N·P fresh numbers, which on
+    CPU costs about half a training step here.
     """
+    if method not in METHODS:
+        raise CapshapeError(f"Unknown method '{method}'. Available: {', '.join(METHODS)}")
     named = dict(model.named_parameters())
     if params is None:
         params = [name for name, p in named.items() if p.requires_grad]
@@ -44,6 +55,22 @@ def per_example_gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.
         out = torch.empty(shape, dtype=dtype, device=next(iter(theta.values())).device)
     elif out.shape != shape:
         raise CapshapeError(f"out has shape {tuple(out.shape)}, not [N, P] = {shape}")
+    columns, start = {}, 0
+    for name, p in theta.items():
+        columns[name] = slice(start, start + p.numel())
+        start += p.numel()
+
+    rest = list(theta) if method == "vmap" else write_factor_gradients(model, inputs, labels, columns, out, chunk_size)
+    if rest:
+        _vmap_gradients(model, inputs, labels, {name: theta[name] for name in rest}, columns, out, chunk_size)
+    return out
+
+
+def _vmap_gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, theta: dict[str, torch.Tensor],
+                    columns: dict[str, slice], out: torch.Tensor, chunk_size: int) -> None:
+    """out[:, columns[name]] for every parameter in theta, by vmap(grad) over chunk_size examples at a
+    time: each chunk pays a fixed dispatch cost (about 9 ms on the demo model, 1 thread), so larger
+    chunks are cheaper until their intermediates outgrow memory."""
 
     def loss(theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_example_losses(functional_call(model, theta, (x.unsqueeze(0),)), y.unsqueeze(0))[0]
@@ -56,5 +83,5 @@ def per_example_gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.
         for start in range(0, len(inputs), chunk_size):
             stop = start + chunk_size
             grads = per_example_grad(theta, inputs[start:stop], labels[start:stop])
-            torch.cat([g.flatten(1) for g in grads.values()], dim=1, out=out[start:stop])
-    return out
+            for name, g in grads.items():
+                out[start:stop, columns[name]].copy_(g.flatten(1))

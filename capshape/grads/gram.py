@@ -9,6 +9,8 @@ gradients (N·T·d_in·d_out + N²·d_in·d_out), i.e. roughly when N·T² > d_i
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -108,18 +110,18 @@ def subset_linear_layers(model: nn.Module, subset: str, engine: str) -> list[str
 
 def example_gram(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, engine: str = "gram",
                  subset: str = "no_embed_norm", sketch_dim: int = 1024, seed: int = 0,
-                 captured: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                 factors: Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> torch.Tensor:
     """G [N, N] float64, G_nm = <∇ℓ_n, ∇ℓ_m> over the parameters of `subset`, by `engine`: `exact`
     (vmap per-example gradients, any parameter), `gram` (exact, linear layers only, from token sums)
     or `sketch` (the unbiased GradientSketcher estimate with `sketch_dim` coordinates, linear layers
-    only). `captured`: capture_linear_io factors by layer name already at hand (not recaptured)."""
+    only). `factors(layers)`: where the linear engines get capture_linear_io factors (default: captured here)."""
     if engine == "exact":
         grads = per_example_gradients(model, inputs, labels, params=subset_parameters(model, subset)).double()
         return grads @ grads.T
     if engine not in ENGINES:
         raise CapshapeError(f"Unknown gradient engine '{engine}': use one of {', '.join(ENGINES)}.")
     layers = subset_linear_layers(model, subset, engine)
-    factors = [captured[name] for name in layers] if captured else capture_linear_io(model, inputs, labels, layers)
+    captured = factors(layers) if factors else capture_linear_io(model, inputs, labels, layers)
     if engine == "gram":
-        return captured_gram(factors).double()
-    return sketch_gram(GradientSketcher(model, sketch_dim, seed, layers).project(factors).double())
+        return captured_gram(captured).double()
+    return sketch_gram(GradientSketcher(model, sketch_dim, seed, layers).project(captured).double())

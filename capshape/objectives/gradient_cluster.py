@@ -2,16 +2,15 @@
 gradients: examples whose gradients lie along the same directions likely use the same machinery.
 
 At each regrouping the drawn examples go through the discovery pipeline (capshape.grads.discovery:
-by default the exact Gram of the linear layers' gradients, the sign-invariant similarity C², spectral
-clustering on the 10-nearest-neighbour graph, k by the eigengap). Training batches are then assigned by average linkage in the
+by default the exact per-example gradients of the embeddings and the first block, the sign-invariant
+similarity C², spectral clustering on the 10-nearest-neighbour graph, k by the eigengap averaged over
+refits). Training batches are then assigned by average linkage in the
 per-batch feature space: example x goes to the group c maximising mean_{j∈c} S(x, j), S the same
 similarity on the features u = f/‖f‖ of x and of the regrouping examples j (for C² this is
 u_xᵀ M_c u_x with M_c the mean of u_j u_jᵀ over the group). The record reports how often that rule
 reproduces the clustering on the regrouping examples themselves (`assignment_agreement`).
 """
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 from pydantic import Field
@@ -27,12 +26,8 @@ from capshape.objectives.grouped import grouped_weighting
 
 class GradientClusterParams(GradientGroupParams, DiscoveryOptions):
     """The regrouping schedule and per-batch features (GradientGroupParams) and the discovery pipeline
-    (DiscoveryOptions). During training the Gram defaults to the exact one of the linear layers, from the
-    factors the regrouping has already captured, instead of vmap gradients of every parameter (about 6x
-    the cost on the demo model for a measured ARI gain in the README's ablation)."""
+    (DiscoveryOptions), with the same defaults as `capshape groups`."""
 
-    engine: Literal["exact", "gram", "sketch"] = Field("gram", description=DiscoveryOptions.model_fields["engine"].description)
-    subset: str = Field("no_embed_norm", description=DiscoveryOptions.model_fields["subset"].description)
     k_smoothing: float = Field(0.5, ge=0, lt=1, description="With num_groups = 'auto', k maximises this moving "
                                                             "average over refits of the criterion curve (0: this refit's alone).")
 
@@ -48,20 +43,20 @@ class GradientCluster(GradientGroupedObjective):
         self.k = 1
         self.criterion = torch.zeros(0, dtype=torch.float64)  # smoothed k criterion for k = 2.. (empty: none yet)
 
-    def fit(self, regroup: Regroup, model, seed) -> dict:
-        params = self.params
+    def fit(self, regroup: Regroup, features: torch.Tensor, seed: int) -> dict:
+        params, model = self.params, regroup.model
         with torch.no_grad():
             losses = per_example_losses(model(regroup.inputs), regroup.labels).double().cpu().numpy()
         gram = example_gram(model, regroup.inputs, regroup.labels, params.engine, params.subset, params.sketch_dim,
-                            seed, captured=regroup.factors())
+                            seed, factors=regroup.factors)
         previous = {k: float(v) for k, v in enumerate(self.criterion.tolist(), start=2)}
         found = cluster_gram(gram.cpu().numpy(), losses, params, seed, previous, params.k_smoothing)
         self.criterion = torch.tensor([found.criterion[k] for k in sorted(found.criterion)], dtype=torch.float64)
         kept = torch.from_numpy(found.kept)
-        self.members = normalise_rows(regroup.features[kept].float())
+        self.members = normalise_rows(features[kept].float())
         self.member_groups = torch.from_numpy(found.labels).long()
         self.k = found.k
-        assigned = self.assign(regroup.features[kept]).numpy()
+        assigned = self.assign(features[kept]).numpy()
         return {**found.record(regroup.task_ids), "assignment_agreement": float((assigned == found.labels).mean())}
 
     def assign(self, features: torch.Tensor) -> torch.Tensor:

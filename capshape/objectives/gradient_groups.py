@@ -15,7 +15,7 @@ against the true task labels, which the objective never uses for training.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 
 from capshape.collectives import gather_rows, shard
-from capshape.grads import GradientSketcher, capture_linear_io, linear_layer_names
+from capshape.grads import GradientSketcher, capture_linear_io
 from capshape.grads.output_layer import OutputLayerRecorder
 from capshape.objectives.base import Objective, Params
 
@@ -66,37 +66,35 @@ class GradientGroupedObjective(Objective):
             return None
         self._setup(model)
         examples = sampler.draw(self.params.n_examples, stream=step)  # the same draw on every DDP rank
-        names = linear_layer_names(model)
         device = next(model.parameters()).device
-        # Under data parallelism each rank captures its share (rows rank::world) of the draw and the
-        # factors are all-gathered in draw order, so every rank fits the same groups from the same
-        # tensors (the fits are seeded); in one process shard and gather_rows do nothing.
-        inputs, labels = shard(examples.inputs).to(device), shard(examples.labels).to(device)
-        captured = [tuple(gather_rows(t, len(examples)).cpu() for t in pair)
-                    for pair in capture_linear_io(model, inputs, labels, names)]
-        if self.params.features == "sketch":
-            features = self.feature_sketcher.project(captured)
-        else:
-            features = self.feature_sketcher.project([captured[names.index(self.recorder.name)]])
-        regroup = Regroup(examples.inputs.to(device), examples.labels.to(device), captured, names, features,
-                          examples.task_ids.numpy())
-        return self.fit(regroup, model, seed=sampler.seed + step)
+        regroup = Regroup(model, examples.inputs.to(device), examples.labels.to(device), examples.task_ids.numpy())
+        features = self.feature_sketcher.project(regroup.factors(self.feature_sketcher.layers))
+        return self.fit(regroup, features, seed=sampler.seed + step)
 
-    def fit(self, regroup: "Regroup", model: torch.nn.Module, seed: int) -> dict:
-        """Refit the grouping from the regrouping examples."""
+    def fit(self, regroup: "Regroup", features: torch.Tensor, seed: int) -> dict:
+        """Refit the grouping from the regrouping examples and their per-batch `features` [N, feature_dim]."""
         raise NotImplementedError
 
 
 @dataclass
 class Regroup:
-    """What a regrouping knows about its `n_examples` examples."""
+    """The `n_examples` examples of a regrouping (the whole draw, on every rank) and the gradient factors
+    of their linear layers, captured once per layer on demand."""
 
-    inputs: torch.Tensor  # the whole draw, on every rank
+    model: torch.nn.Module
+    inputs: torch.Tensor
     labels: torch.Tensor
-    captured: list[tuple[torch.Tensor, torch.Tensor]]  # capture_linear_io factors of every linear layer
-    layers: list[str]  # their names
-    features: torch.Tensor  # [N, feature_dim] per-batch features of the same examples
     task_ids: np.ndarray  # [N] true tasks: diagnostics only
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return dict(zip(self.layers, self.captured))
+    def factors(self, layers: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """capture_linear_io factors of `layers`, in that order. Under data parallelism each rank captures
+        its share (rows rank::world) of the draw and the factors are all-gathered in draw order, so every
+        rank fits the same groups from the same tensors (the fits are seeded); in one process shard and
+        gather_rows do nothing."""
+        missing = [name for name in layers if name not in self.captured]
+        if missing:
+            inputs, labels = shard(self.inputs), shard(self.labels)
+            for name, pair in zip(missing, capture_linear_io(self.model, inputs, labels, missing)):
+                self.captured[name] = tuple(gather_rows(t, len(self.inputs)).cpu() for t in pair)
+        return [self.captured[name] for name in layers]

@@ -44,8 +44,8 @@ class SVDGrouped(GradientGroupedObjective):
         self.scales = torch.ones(1)  # s̃ [r]
         self.batch_components: torch.Tensor | None = None
 
-    def fit(self, regroup: Regroup, model, seed) -> dict:
-        features, task_ids = regroup.features, regroup.task_ids
+    def fit(self, regroup: Regroup, features: torch.Tensor, seed: int) -> dict:
+        task_ids = regroup.task_ids
         _, singular, vh = torch.linalg.svd(features.double(), full_matrices=False)
         explained = (singular ** 2).cumsum(0) / (singular ** 2).sum()
         rank = self.params.rank or int(min(self.params.max_rank, int((explained < self.params.explained_variance).sum()) + 1))

@@ -58,9 +58,10 @@ class Discovery:
         return out
 
 
-def cluster_gram(gram: np.ndarray, losses: np.ndarray, options: DiscoveryOptions, seed: int,
+def cluster_gram(gram: np.ndarray, losses: Optional[np.ndarray], options: DiscoveryOptions, seed: int,
                  previous: Optional[dict[int, float]] = None, smoothing: float = 0.0) -> Discovery:
-    """The pipeline after the Gram: loss filter, similarity, k, clustering. With a `previous` criterion
+    """The pipeline after the Gram: loss filter (`losses` [N] needed only with options.max_loss), similarity,
+    k, clustering. With a `previous` criterion
     curve (from the last refit), k maximises the smoothed curve smoothing·previous + (1 − smoothing)·curve,
     an exponential moving average over refits that keeps one noisy refit from moving k."""
     kept = np.ones(len(gram), dtype=bool) if options.max_loss is None else losses <= options.max_loss
@@ -78,10 +79,14 @@ def cluster_gram(gram: np.ndarray, losses: np.ndarray, options: DiscoveryOptions
     return Discovery(labels, kept, similarity, k, curve)
 
 
+def example_losses(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return per_example_losses(model(inputs), labels).double().cpu().numpy()
+
+
 def discover(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, options: DiscoveryOptions,
              seed: int) -> Discovery:
     """Cluster the examples (inputs, labels) by their gradients under `model`."""
-    with torch.no_grad():
-        losses = per_example_losses(model(inputs), labels).double().cpu().numpy()
+    losses = example_losses(model, inputs, labels) if options.max_loss is not None else None
     gram = example_gram(model, inputs, labels, options.engine, options.subset, options.sketch_dim, seed)
     return cluster_gram(gram.cpu().numpy(), losses, options, seed)

@@ -16,9 +16,8 @@ import torch
 from pydantic import Field
 
 from capshape.grads.clustering import SIMILARITIES, normalise_rows
-from capshape.grads.discovery import DiscoveryOptions, cluster_gram
+from capshape.grads.discovery import DiscoveryOptions, cluster_gram, example_losses
 from capshape.grads.gram import example_gram
-from capshape.models import per_example_losses
 from capshape.objectives.base import OBJECTIVES, Weighting
 from capshape.objectives.gradient_groups import GradientGroupedObjective, GradientGroupParams, Regroup
 from capshape.objectives.grouped import grouped_weighting
@@ -45,8 +44,7 @@ class GradientCluster(GradientGroupedObjective):
 
     def fit(self, regroup: Regroup, features: torch.Tensor, seed: int) -> dict:
         params, model = self.params, regroup.model
-        with torch.no_grad():
-            losses = per_example_losses(model(regroup.inputs), regroup.labels).double().cpu().numpy()
+        losses = example_losses(model, regroup.inputs, regroup.labels) if params.max_loss is not None else None
         gram = example_gram(model, regroup.inputs, regroup.labels, params.engine, params.subset, params.sketch_dim,
                             seed, factors=regroup.factors)
         previous = {k: float(v) for k, v in enumerate(self.criterion.tolist(), start=2)}

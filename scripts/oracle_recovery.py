@@ -1,0 +1,73 @@
+"""How much of the grouped loss's benefit a discovered grouping recovers: from a comparison directory
+holding `mean`, an oracle (`grouped` with the true groups) and a discovered grouping (e.g.
+`gradient_cluster`) over the same seeds, per seed and objective: subtasks learned (final held-out
+accuracy ≥ --level), the step at which the last of them first reached --level, and the mean
+transition width; then the share of the oracle's gain over `mean` that the discovered grouping
+recovers, (discovered − mean) / (oracle − mean), as a mean over seeds with a 95 % t interval.
+
+    python scripts/oracle_recovery.py runs/spd [--oracle grouped] [--discovered gradient_cluster] [--level 0.9]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from capshape.runstore import RunDir, read_json
+
+
+def first_step(rows: list[dict], task: str, level: float):
+    return next((row["step"] for row in rows if row["eval"][task]["accuracy"] >= level), None)
+
+
+def run_figures(path: Path, level: float) -> dict:
+    summary, rows = read_json(path / "summary.json"), RunDir(path).read_metrics()
+    learned = [task for task, stats_ in summary["tasks"].items() if stats_["final_eval"]["accuracy"] >= level]
+    widths = [summary["tasks"][task]["transition_width"] for task in learned
+              if summary["tasks"][task]["transition_width"] is not None]
+    return {"learned": len(learned), "last_learned_step": max((first_step(rows, t, level) for t in learned), default=None),
+            "mean_transition_width": float(np.mean(widths)) if widths else None}
+
+
+def interval(values: list[float]) -> dict:
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if len(values) < 2:
+        return {"mean": float(values.mean()) if len(values) else None, "low": None, "high": None, "n": len(values)}
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return {"mean": float(values.mean()), "low": float(values.mean() - half), "high": float(values.mean() + half),
+            "n": len(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("comparison", type=Path)
+    parser.add_argument("--oracle", default="grouped")
+    parser.add_argument("--discovered", default="gradient_cluster")
+    parser.add_argument("--level", type=float, default=0.9)
+    args = parser.parse_args()
+    config = read_json(args.comparison / "config.json")
+    objectives = ["mean", args.oracle, args.discovered]
+    figures = {o: {s: run_figures(args.comparison / f"{o}-seed{s}", args.level) for s in config["seeds"]} for o in objectives}
+    table = {}
+    for key in ("learned", "last_learned_step", "mean_transition_width"):
+        table[key] = {o: interval([figures[o][s][key] for s in config["seeds"]]) for o in objectives}
+        shares = []
+        for s in config["seeds"]:
+            base, oracle, found = (figures[o][s][key] for o in objectives)
+            if None not in (base, oracle, found) and oracle != base:
+                shares.append((found - base) / (oracle - base))
+        table[key]["share_recovered"] = interval(shares)
+    print(json.dumps({"per_seed": figures, "table": table}, indent=2))
+    fmt = lambda s: "—" if s["mean"] is None else (f"{s['mean']:.3g}" if s["low"] is None
+                                                   else f"{s['mean']:.3g} [{s['low']:.3g}, {s['high']:.3g}]")
+    print(f"| figure | {' | '.join(objectives)} | share of the oracle's gain recovered |")
+    print("|---|---|---|---|---|")
+    for key, row in table.items():
+        print(f"| {key} | " + " | ".join(fmt(row[o]) for o in objectives) + f" | {fmt(row['share_recovered'])} |")
+
+
+if __name__ == "__main__":
+    main()

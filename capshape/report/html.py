@@ -147,7 +147,7 @@ def render_page(experiment: Experiment, images: dict[str, bytes]) -> str:
             "Groups found from gradients",
             "<p>At each regrouping of a gradient-grouped objective: agreement of its groups with the true tasks "
             "(adjusted Rand index, purity; never used for training), the number of groups or kept singular "
-            "directions, and, at the last regrouping, the eigengap criterion curve and the singular values.</p>",
+            "directions, and, at the last regrouping, the k criterion curve and the singular values.</p>",
             image(images, "regrouping", "regrouping diagnostics"),
             image(images, "spectrum", "spectra") if "spectrum" in images else ""))
     sections.append(section("Training loss", image(images, "training_loss", "training loss")))

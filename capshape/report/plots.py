@@ -139,10 +139,11 @@ def regrouping_figure(experiment: Experiment):
 
 
 def spectrum_panels(experiment: Experiment) -> dict[str, list[Series]]:
-    """At the last regrouping: the eigengap criterion curve and the gradient singular values (where recorded)."""
-    last = lambda key: lambda run: dict(enumerate(run.records[-1].get(key, []), start=1)) if run.records else {}
-    panels = {"normalised-Laplacian eigenvalues (eigengap picks k)": regrouping_lines(experiment, last("eigenvalues")),
-              "singular values of the gradient features": regrouping_lines(experiment, last("singular_values"))}
+    """At the last regrouping: the k criterion curve (k -> score) and the gradient singular values (where recorded)."""
+    criterion = lambda run: {int(k): v for k, v in run.records[-1].get("criterion", {}).items()} if run.records else {}
+    singular = lambda run: dict(enumerate(run.records[-1].get("singular_values", []), start=1)) if run.records else {}
+    panels = {"k criterion at the last regrouping (the largest picks k)": regrouping_lines(experiment, criterion),
+              "singular values of the gradient features": regrouping_lines(experiment, singular)}
     return {title: lines for title, lines in panels.items() if lines}
 
 

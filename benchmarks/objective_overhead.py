@@ -3,7 +3,7 @@ training step (capshape.train.loop.training_step), over whole regrouping periods
 The gradient-grouped objectives pay for a regrouping every `regroup_every` steps and for their
 per-batch features on every step; both are included. Target: overhead <= 10% at the default regroup_every.
 
-    python benchmarks/objective_overhead.py [--periods 1] [--regroup-every 200] [--threads 1]
+    python benchmarks/objective_overhead.py [--periods 1] [--regroup-every 200] [--n-examples 512] [--threads 1]
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--periods", type=int, default=1, help="Regrouping periods timed per objective.")
     parser.add_argument("--regroup-every", type=int, default=200)
+    parser.add_argument("--n-examples", type=int, default=None, help="Examples per regrouping (default: the objectives').")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -34,7 +35,9 @@ def main() -> None:
     steps = args.periods * args.regroup_every
     runs = {}
     for name in OBJECTIVES:
-        params = {"regroup_every": args.regroup_every} if name in ("gradient_cluster", "svd_grouped") else {}
+        params = {}
+        if name in ("gradient_cluster", "svd_grouped"):
+            params = {"regroup_every": args.regroup_every, **({} if args.n_examples is None else {"n_examples": args.n_examples})}
         torch.manual_seed(0)
         model = build_model(config.model, prepared.suite.input_spec).to(args.device)
         runs[name] = (model, build_objective(name, params, len(prepared.group_names)), make_optimizer(model, config),
@@ -48,7 +51,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             seconds[name] += time.perf_counter() - started
     print(f"device={args.device} threads={args.threads} batch={config.train.batch_size} steps={steps} "
-          f"regroup_every={args.regroup_every} (regroupings at steps 0, {args.regroup_every}, ...)")
+          f"regroup_every={args.regroup_every} (regroupings at steps 0, {args.regroup_every}, ...) "
+          f"n_examples={args.n_examples or 'default'}")
     print(f"{'objective':<18} {'ms/step':>8} {'vs mean':>8}")
     for name, total in seconds.items():
         print(f"{name:<18} {1000 * total / steps:>8.2f} {total / seconds['mean']:>8.3f}")

@@ -30,7 +30,8 @@ from capshape.objectives.base import Objective, Params
 
 class GradientGroupParams(Params):
     regroup_every: int = Field(200, gt=0, description="Steps between regroupings.")
-    n_examples: int = Field(512, gt=1, description="Examples drawn and sketched at each regrouping.")
+    n_examples: int = Field(256, gt=1, description="Examples drawn at each regrouping (256: amortised cost ≤ 10 % "
+                                                   "of a demo step at regroup_every = 200, benchmarks/objective_overhead.py).")
     features: Literal["output_layer", "sketch"] = Field("output_layer", description="Per-batch gradient features (see module docstring).")
     feature_dim: int = Field(256, gt=0, description="Sketch size of the per-batch features.")
     p: float = Field(2.0, gt=0, description="Exponent of each group loss.")

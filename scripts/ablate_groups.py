@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 from capshape.experiments.groups import load_run_model
+from capshape.experiments.transfer_stats import t_interval
 from capshape.grads.discovery import DiscoveryOptions, cluster_gram
 from capshape.grads.gram import example_gram
 from capshape.models import per_example_losses
@@ -81,15 +81,6 @@ def measure(run_dir: Path, step: int, args) -> dict[str, dict]:
     return results
 
 
-def interval(values: list[float]) -> dict:
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return {"mean": mean, "low": None, "high": None, "n": len(values)}
-    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(values)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -103,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     raw = {str(run): {str(step): measure(run, step, args) for step in args.steps} for run in args.runs}
     names = list(dict.fromkeys(name for run in raw.values() for step in run.values() for name in step))
-    table = {name: {str(step): {"ari": interval([raw[str(run)][str(step)][name]["ari"] for run in args.runs
+    table = {name: {str(step): {"ari": t_interval([raw[str(run)][str(step)][name]["ari"] for run in args.runs
                                                   if name in raw[str(run)][str(step)]]),
                                 "k": [raw[str(run)][str(step)][name]["k"] for run in args.runs if name in raw[str(run)][str(step)]],
                                 "true_k": [raw[str(run)][str(step)][name]["true_k"] for run in args.runs

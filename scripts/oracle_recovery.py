@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
+from capshape.experiments.transfer_stats import t_interval
 from capshape.runstore import RunDir, read_json
 
 
@@ -32,15 +32,6 @@ def run_figures(path: Path, level: float) -> dict:
             "mean_transition_width": float(np.mean(widths)) if widths else None}
 
 
-def interval(values: list[float]) -> dict:
-    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    if len(values) < 2:
-        return {"mean": float(values.mean()) if len(values) else None, "low": None, "high": None, "n": len(values)}
-    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-    return {"mean": float(values.mean()), "low": float(values.mean() - half), "high": float(values.mean() + half),
-            "n": len(values)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("comparison", type=Path)
@@ -53,13 +44,14 @@ def main() -> None:
     figures = {o: {s: run_figures(args.comparison / f"{o}-seed{s}", args.level) for s in config["seeds"]} for o in objectives}
     table = {}
     for key in ("learned", "last_learned_step", "mean_transition_width"):
-        table[key] = {o: interval([figures[o][s][key] for s in config["seeds"]]) for o in objectives}
+        table[key] = {o: t_interval([figures[o][s][key] for s in config["seeds"] if figures[o][s][key] is not None])
+                      for o in objectives}
         shares = []
         for s in config["seeds"]:
             base, oracle, found = (figures[o][s][key] for o in objectives)
             if None not in (base, oracle, found) and oracle != base:
                 shares.append((found - base) / (oracle - base))
-        table[key]["share_recovered"] = interval(shares)
+        table[key]["share_recovered"] = t_interval(shares)
     print(json.dumps({"per_seed": figures, "table": table}, indent=2))
     fmt = lambda s: "—" if s["mean"] is None else (f"{s['mean']:.3g}" if s["low"] is None
                                                    else f"{s['mean']:.3g} [{s['low']:.3g}, {s['high']:.3g}]")

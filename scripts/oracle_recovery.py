@@ -2,8 +2,9 @@
 holding `mean`, an oracle (`grouped` with the true groups) and a discovered grouping (e.g.
 `gradient_cluster`) over the same seeds, per seed and objective: subtasks learned (final held-out
 accuracy ≥ --level), the step at which the last of them first reached --level, and the mean
-transition width; then the share of the oracle's gain over `mean` that the discovered grouping
-recovers, (discovered − mean) / (oracle − mean), as a mean over seeds with a 95 % t interval.
+transition width; then, paired by seed, oracle − mean, discovered − mean and the share of the oracle's
+gain that the discovered grouping recovers, (discovered − mean) / (oracle − mean), each as a mean over
+seeds with a 95 % t interval.
 
     python scripts/oracle_recovery.py runs/spd [--oracle grouped] [--discovered gradient_cluster] [--level 0.9]
 """
@@ -46,19 +47,25 @@ def main() -> None:
     for key in ("learned", "last_learned_step", "mean_transition_width"):
         table[key] = {o: t_interval([figures[o][s][key] for s in config["seeds"] if figures[o][s][key] is not None])
                       for o in objectives}
-        shares = []
+        gains, found_gains, shares = [], [], []
         for s in config["seeds"]:
             base, oracle, found = (figures[o][s][key] for o in objectives)
-            if None not in (base, oracle, found) and oracle != base:
-                shares.append((found - base) / (oracle - base))
+            if None not in (base, oracle, found):
+                gains.append(oracle - base)
+                found_gains.append(found - base)
+                if oracle != base:
+                    shares.append((found - base) / (oracle - base))
+        table[key]["oracle_minus_mean"] = t_interval(gains)
+        table[key]["discovered_minus_mean"] = t_interval(found_gains)
         table[key]["share_recovered"] = t_interval(shares)
     print(json.dumps({"per_seed": figures, "table": table}, indent=2))
     fmt = lambda s: "—" if s["mean"] is None else (f"{s['mean']:.3g}" if s["low"] is None
                                                    else f"{s['mean']:.3g} [{s['low']:.3g}, {s['high']:.3g}]")
-    print(f"| figure | {' | '.join(objectives)} | share of the oracle's gain recovered |")
-    print("|---|---|---|---|---|")
+    columns = objectives + ["oracle_minus_mean", "discovered_minus_mean", "share_recovered"]
+    print(f"| figure | {' | '.join(columns)} |")
+    print("|---" * (len(columns) + 1) + "|")
     for key, row in table.items():
-        print(f"| {key} | " + " | ".join(fmt(row[o]) for o in objectives) + f" | {fmt(row['share_recovered'])} |")
+        print(f"| {key} | " + " | ".join(fmt(row[c]) for c in columns) + " |")
 
 
 if __name__ == "__main__":

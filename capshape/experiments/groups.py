@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import io
 import platform
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from capshape.config import RunConfig
+from capshape.config import build_config
 from capshape.errors import CapshapeError
 from capshape.grads.discovery import DiscoveryOptions, discover
 from capshape.models import build_model
@@ -34,7 +35,7 @@ def load_run_model(run_dir: Path, step: Optional[int] = None):
     run = RunDir(run_dir)
     if not (run.path / "config.json").is_file():
         raise CapshapeError(f"{run.path} has no config.json: pass a run directory (e.g. runs/demo/mean-seed0).")
-    config = RunConfig.model_validate(read_json(run.path / "config.json"))
+    config = build_config(read_json(run.path / "config.json"))
     final = run.path / "model.safetensors"
     if step is None or (step == config.train.steps and final.is_file()):
         path = final
@@ -63,7 +64,6 @@ def discover_groups(run_dir: Path, out: Path, options: DiscoveryOptions, step: O
     if out.exists() and not out.is_dir():
         raise CapshapeError(f"--out {out} is a file: choose a directory.")
     config, prepared, model = load_run_model(run_dir, step)
-    torch.manual_seed(seed)
     trained = [d for d, is_trained in zip(prepared.data, prepared.suite.trained) if is_trained]
     accuracy = {name: stats["accuracy"] for name, stats in evaluate(model, trained, "cpu").items()}
     chosen = [d for d in trained if accuracy[d.task.name] >= min_task_accuracy]
@@ -81,7 +81,7 @@ def discover_groups(run_dir: Path, out: Path, options: DiscoveryOptions, step: O
         "task_accuracy": accuracy, "true_k": len(chosen),
         **found.record(task_ids),
         "example_task": task_ids[found.kept].tolist(), "example_cluster": found.labels.tolist(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"capshape": version("capshape"), "torch": torch.__version__, "python": platform.python_version()},
     }
     with exclusive(out):
         buffer = _npy_bytes(found.similarity.astype(np.float32))

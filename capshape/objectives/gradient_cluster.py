@@ -4,10 +4,10 @@ gradients: examples whose gradients lie along the same directions likely use the
 At each regrouping the drawn examples go through the discovery pipeline (capshape.grads.discovery:
 by default the exact per-example gradients of the embeddings and the first block, the sign-invariant
 similarity C², spectral clustering on the 10-nearest-neighbour graph, k by the eigengap averaged over
-refits). Training batches are then assigned by average linkage in the
-per-batch feature space: example x goes to the group c maximising mean_{j∈c} S(x, j), S the same
-similarity on the features u = f/‖f‖ of x and of the regrouping examples j (for C² this is
-u_xᵀ M_c u_x with M_c the mean of u_j u_jᵀ over the group). The record reports how often that rule
+refits). Training batches are then assigned by average linkage in the per-batch feature space:
+example x goes to the group c maximising mean_{j∈c} S(x, j), S the same similarity on the features
+u = f/‖f‖ of x and of the regrouping examples j (for C² this is u_xᵀ M_c u_x with M_c the mean of
+u_j u_jᵀ over the group). The record reports how often that rule
 reproduces the clustering on the regrouping examples themselves (`assignment_agreement`).
 """
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Shared mechanics of the objectives that find their groups in gradient space.
 
 Every `regroup_every` steps, `n_examples` fresh examples are drawn (from a stream of their own, so
-the training batches are unchanged), the factors of their per-example gradients are captured in one backward
-(capshape.grads.capture), and the subclass fits its grouping from what they give: the exact Gram of
-the linear layers, sketches, or the per-batch features below. Between regroupings each training
-batch is placed in a per-batch feature space:
+the training batches are unchanged) and the subclass fits its grouping from them (a `Regroup`: the
+examples, with their linear layers' gradient factors captured on demand) and from their per-batch
+features. Between regroupings each training batch is placed in that per-batch feature space:
 
 - `features = "output_layer"` (default): a sketch of the output layer's per-example gradient, which
   the forward pass already determines (capshape.grads.output_layer), so it costs no extra backward;

@@ -22,7 +22,7 @@ class DiscoveryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: Literal["exact", "gram", "sketch"] = Field(
-        "exact", description="Per-example gradient Gram: exact (vmap, any parameter), gram (exact, linear layers), "
+        "exact", description="Per-example gradient Gram: exact (per-example gradients, any parameter), gram (exact, linear layers), "
                             "sketch (random projection of linear layers, sketch_dim coordinates).")
     subset: str = Field("lower:1", description="Parameters: all, no_embed_norm, lower:<n> (embeddings and the first n "
                                                "blocks), output, block:<i>, or name prefixes separated by commas.")
@@ -61,9 +61,9 @@ class Discovery:
 def cluster_gram(gram: np.ndarray, losses: Optional[np.ndarray], options: DiscoveryOptions, seed: int,
                  previous: Optional[dict[int, float]] = None, smoothing: float = 0.0) -> Discovery:
     """The pipeline after the Gram: loss filter (`losses` [N] needed only with options.max_loss), similarity,
-    k, clustering. With a `previous` criterion
-    curve (from the last refit), k maximises the smoothed curve smoothing·previous + (1 − smoothing)·curve,
-    an exponential moving average over refits that keeps one noisy refit from moving k."""
+    k, clustering. With a `previous` criterion curve (from the last refit), k maximises the smoothed curve
+    smoothing·previous + (1 − smoothing)·curve, an exponential moving average over refits that keeps one
+    noisy refit from moving k."""
     kept = np.ones(len(gram), dtype=bool) if options.max_loss is None else losses <= options.max_loss
     if kept.sum() < 3:  # too few low-loss examples to cluster (early in training): cluster them all
         kept = np.ones(len(gram), dtype=bool)

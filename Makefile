@@ -27,6 +27,8 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python benchmarks/step_cost.py
+	$(BIN)/python benchmarks/grad_engine.py --threads 1
+	$(BIN)/python benchmarks/objective_overhead.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs

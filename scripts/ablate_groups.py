@@ -40,9 +40,9 @@ VARIANTS: dict[str, dict] = {
     "max_loss = 0.3 (low-loss filter)": {"max_loss": 0.3},
     "method = kmeans": {"method": "kmeans"},
     "method = agglomerative": {"method": "agglomerative"},
-    "neighbours = dense": {"neighbours": None},
+    "neighbours = dense": {"neighbours": 0},
     "Michaud et al. 2023 (no_embed_norm, angular, dense spectral)": {
-        "subset": "no_embed_norm", "similarity": "angular", "neighbours": None},
+        "subset": "no_embed_norm", "similarity": "angular", "neighbours": 0},
 }
 AUTO = {"auto k: eigengap": {"k_criterion": "eigengap"}, "auto k: stability": {"k_criterion": "stability"},
         "auto k: silhouette": {"k_criterion": "silhouette"}}

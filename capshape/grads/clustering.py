@@ -66,10 +66,10 @@ def similarity_matrix(gram: np.ndarray, kind: str, centre: bool = False) -> np.n
 
 
 def knn_graph(similarity: np.ndarray, neighbours: int | None) -> np.ndarray:
-    """Keep each example's `neighbours` most similar examples (symmetrised; None keeps the dense
+    """Keep each example's `neighbours` most similar examples (symmetrised; None or 0 keeps the dense
     similarity). With |cos| ≈ 0.2 between unrelated examples, the dense graph's many weak edges
     outweigh the few strong ones inside a capability; the kNN graph keeps the strong ones."""
-    if neighbours is None or neighbours >= len(similarity) - 1:
+    if not neighbours or neighbours >= len(similarity) - 1:
         return similarity
     graph = similarity.copy()
     np.fill_diagonal(graph, 0)

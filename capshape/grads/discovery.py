@@ -33,8 +33,8 @@ class DiscoveryOptions(BaseModel):
     max_loss: Optional[float] = Field(None, gt=0, description="Keep only examples with loss ≤ this (QDG's "
                                                              "low-loss filter); None keeps all.")
     method: Literal["spectral", "kmeans", "agglomerative"] = Field("spectral", description="Clustering of the similarity.")
-    neighbours: Optional[int] = Field(10, gt=0, description="Spectral clustering and the eigengap use the graph of each "
-                                                            "example's most similar examples (None: the dense similarity).")
+    neighbours: int = Field(10, ge=0, description="Spectral clustering and the eigengap use the graph of each "
+                                                  "example's `neighbours` most similar examples (0: the dense similarity).")
     num_groups: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field("auto", description="k, or 'auto' (k_criterion).")
     k_criterion: Literal["eigengap", "silhouette", "stability"] = Field("eigengap", description="How 'auto' picks k.")
     max_groups: int = Field(16, ge=2, description="Largest k 'auto' may choose.")

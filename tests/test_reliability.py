@@ -183,3 +183,10 @@ def test_fuzzed_checkpoint_files(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CapshapeError, match="corrupted or truncated"):
         read_tensors(path)
+
+
+def test_errors_quoting_control_characters_stay_on_one_line():
+    """Found by test_fuzzed_configs: an objective section named by a line break."""
+    with pytest.raises(CapshapeError) as error:
+        build_config({"objective": {"\n": None}})
+    assert "\n" not in str(error.value) and "'objective.\\n'" in str(error.value)

@@ -79,12 +79,18 @@ def test_similarities_centring_and_loss_filter():
     assert found.kept.sum() == 30 and len(found.labels) == 30
 
 
-def test_exact_and_linear_gram_engines_agree_on_linear_layers():
+def _tiny_transformer_batch(n):
+    """A one-block transformer and n examples whose first 4 positions carry no loss."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=16, d_mlp=32, max_len=10), vocab_size=30)
-    inputs = torch.randint(0, 30, (6, 10))
-    labels = torch.randint(0, 30, (6, 10))
+    inputs = torch.randint(0, 30, (n, 10))
+    labels = torch.randint(0, 30, (n, 10))
     labels[:, :4] = -100
+    return model, inputs, labels
+
+
+def test_exact_and_linear_gram_engines_agree_on_linear_layers():
+    model, inputs, labels = _tiny_transformer_batch(6)
     exact = example_gram(model, inputs, labels, "exact", "no_embed_norm")
     torch.testing.assert_close(example_gram(model, inputs, labels, "gram", "no_embed_norm"), exact, rtol=1e-4, atol=1e-9)
     sketched = example_gram(model, inputs, labels, "sketch", "no_embed_norm", sketch_dim=4096, seed=0)
@@ -108,11 +114,7 @@ def _regroup(task_ids):
 
 
 def test_output_layer_factors_equal_the_captured_backward_factors():
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=16, d_mlp=32, max_len=10), vocab_size=30)
-    inputs = torch.randint(0, 30, (5, 10))
-    labels = torch.randint(0, 30, (5, 10))
-    labels[:, :4] = -100
+    model, inputs, labels = _tiny_transformer_batch(5)
     recorder = OutputLayerRecorder(model)
     with recorder.record():
         model(inputs)

@@ -6,6 +6,7 @@
     summary.json       emergence metrics (written atomically at the end)
     checkpoints/last.safetensors, model.safetensors
     snapshots/step_<N>.safetensors   model weights at step N (train.snapshot_every)
+    provenance.json    per training process: first step, resolved threads, versions, CPU/GPU, git commit
 
 Every whole-file write goes to a temporary file that is fsynced and renamed over the target, so a
 crash never leaves a half-written file; a run is finished only once status.json says so.
@@ -72,6 +73,7 @@ class RunDir:
         self.path = Path(path)
         self.metrics_path = self.path / "metrics.jsonl"
         self.checkpoint_path = self.path / "checkpoints" / "last.safetensors"
+        self.provenance_path = self.path / "provenance.json"
 
     def snapshot_path(self, step: int) -> Path:
         return self.path / "snapshots" / f"step_{step:07d}.safetensors"

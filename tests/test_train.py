@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from capshape.errors import CapshapeError
@@ -93,3 +94,14 @@ def test_checkpoint_from_another_version_is_a_clear_error(tmp_path, tiny_config)
     save_file(tensors, str(path), metadata={"capshape": json.dumps(meta)})
     with pytest.raises(CapshapeError, match="lacks 'running'.*delete the run's checkpoints/"):
         train_run(config, "mean", 0, tmp_path / "cut", resume=True)
+
+
+def test_every_run_records_its_provenance_and_a_resume_adds_a_segment(tmp_path, tiny_config):
+    summary = train_run(tiny_config, "mean", 0, tmp_path / "whole")
+    (record,) = summary["provenance"]
+    assert record["from_step"] == 0 and record["threads"] == torch.get_num_threads() == tiny_config.train.threads
+    assert record["torch"] == torch.__version__ and record["device"] == "cpu" and record["cpu"]
+    assert record["commit"] is None or len(record["commit"].removesuffix("+dirty")) == 40
+    interrupted_run(tiny_config, "mean", tmp_path / "cut", at_step=6)
+    resumed = train_run(tiny_config, "mean", 0, tmp_path / "cut", resume=True)
+    assert [segment["from_step"] for segment in resumed["provenance"]] == [0, 4]

@@ -27,6 +27,7 @@ from capshape.config import RunConfig
 from capshape.errors import CapshapeError
 from capshape.models import build_model, per_example_losses
 from capshape.objectives import Objective, Weighting, build_objective
+from capshape.provenance import provenance
 from capshape.runstore import RunDir, exclusive, read_json, write_json
 from capshape.tasks import Batch, MixtureSampler, SuiteData, build_suite, mixture_weights
 from capshape.tasks.suites import SUITES, parse_suite_params
@@ -185,6 +186,9 @@ def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: Run
             run.keep_metrics_until(start)
     elif main:
         run.metrics_path.unlink(missing_ok=True)
+    if main:  # one entry per process that trained a segment of the run: a resume may differ in threads or commit
+        earlier = read_json(run.provenance_path) if start and run.provenance_path.exists() else []
+        write_json(run.provenance_path, earlier + [{"from_step": start, **provenance(device)}])
     _loop(config, run, model, objective, optimizer, sampler, prepared, start, running, on_progress, device,
           hooks or StepHooks())
     if not main:
@@ -198,7 +202,8 @@ def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: Run
         config.train.steps,
     )
     summary = {"objective": objective_name, "seed": seed, **summary,
-               "suite_metrics": SUITES.get(config.data.suite).summary_extras(rows)}
+               "suite_metrics": SUITES.get(config.data.suite).summary_extras(rows),
+               "provenance": read_json(run.provenance_path)}
     write_json(run.path / "summary.json", summary)
     return summary
 

@@ -23,6 +23,7 @@ caller, which falls back to vmap for them.
 from __future__ import annotations
 
 import math
+from functools import partial
 import sys
 from typing import Callable, Optional
 
@@ -50,19 +51,13 @@ def _bias(g: torch.Tensor, grads: Grads) -> None:
         _put(view, g.sum(1), accumulate)
 
 
-def _linear(module: nn.Module, x: torch.Tensor, g: torch.Tensor, grads: Grads) -> None:
+def _linear(module: nn.Module, x: torch.Tensor, g: torch.Tensor, grads: Grads, conv1d: bool = False) -> None:
+    """nn.Linear's dW = Σ_t g_t ⊗ x_t, or (conv1d) GPT-2 Conv1D's transpose Σ_t x_t ⊗ g_t."""
     a, g = x.reshape(len(x), -1, x.shape[-1]), g.reshape(len(g), -1, g.shape[-1])
     if "weight" in grads:
         view, accumulate = grads["weight"]
-        view.view(len(a), *module.weight.shape).baddbmm_(g.mT, a, beta=float(accumulate))
-    _bias(g, grads)
-
-
-def _conv1d(module: nn.Module, x: torch.Tensor, g: torch.Tensor, grads: Grads) -> None:
-    a, g = x.reshape(len(x), -1, x.shape[-1]), g.reshape(len(g), -1, g.shape[-1])
-    if "weight" in grads:
-        view, accumulate = grads["weight"]
-        view.view(len(a), *module.weight.shape).baddbmm_(a.mT, g, beta=float(accumulate))
+        left, right = (a.mT, g) if conv1d else (g.mT, a)
+        view.view(len(a), *module.weight.shape).baddbmm_(left, right, beta=float(accumulate))
     _bias(g, grads)
 
 
@@ -101,7 +96,7 @@ def _writer(module: nn.Module) -> Optional[Writer]:
                                        nn.LayerNorm.forward: _layer_norm}
     conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)  # loaded with any GPT-2
     if conv1d is not None:
-        writers[conv1d.forward] = _conv1d
+        writers[conv1d.forward] = partial(_linear, conv1d=True)
     return writers.get(type(module).forward)
 
 

@@ -18,12 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capshape.experiments.groups import load_run_model
+from capshape.experiments.groups import held_out_examples, load_run_model
 from capshape.experiments.transfer_stats import t_interval
-from capshape.grads.discovery import DiscoveryOptions, cluster_gram
+from capshape.grads.discovery import DiscoveryOptions, cluster_gram, example_losses
 from capshape.grads.gram import example_gram
-from capshape.models import per_example_losses
-from capshape.train.evaluate import evaluate
 
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -48,24 +46,14 @@ AUTO = {"auto k: eigengap": {"k_criterion": "eigengap"}, "auto k: stability": {"
         "auto k: silhouette": {"k_criterion": "silhouette"}}
 
 
-def examples(run_dir: Path, step: int, per_task: int, min_task_accuracy: float):
-    _, prepared, model = load_run_model(run_dir, step)
-    trained = [d for d, t in zip(prepared.data, prepared.suite.trained) if t]
-    accuracy = evaluate(model, trained, "cpu")
-    chosen = [d for d in trained if accuracy[d.task.name]["accuracy"] >= min_task_accuracy]
-    inputs = torch.cat([d.held_out.inputs[:per_task] for d in chosen])
-    labels = torch.cat([d.held_out.labels[:per_task] for d in chosen])
-    truth = np.repeat(np.arange(len(chosen)), [min(per_task, len(d.held_out.inputs)) for d in chosen])
-    return model, inputs, labels, truth
-
-
 def measure(run_dir: Path, step: int, args) -> dict[str, dict]:
-    model, inputs, labels, truth = examples(run_dir, step, args.per_task, args.min_task_accuracy)
+    _, prepared, model = load_run_model(run_dir, step)
+    examples = held_out_examples(prepared, model, args.per_task, args.min_task_accuracy)
+    inputs, labels, truth = examples.inputs, examples.labels, examples.task_ids
     true_k = len(np.unique(truth))
     if true_k < 2:
         return {}
-    with torch.no_grad():
-        losses = per_example_losses(model(inputs), labels).double().numpy()
+    losses = example_losses(model, inputs, labels)
     grams: dict[tuple, np.ndarray] = {}
     results = {}
     variants = {**VARIANTS, **(AUTO if args.auto_k else {})}

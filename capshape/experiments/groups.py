@@ -12,6 +12,7 @@ sizes, confusion table), `OUT/similarity.npy` (the similarity matrix, examples o
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 import platform
 from importlib.metadata import version
 from pathlib import Path
@@ -55,6 +56,28 @@ def load_run_model(run_dir: Path, step: Optional[int] = None):
     return config, prepared, model
 
 
+@dataclass
+class HeldOutExamples:
+    tasks: list[str]  # the chosen tasks, in order
+    accuracy: dict[str, float]  # held-out accuracy of every trained task
+    inputs: torch.Tensor  # the first per_task held-out examples of each chosen task, task after task
+    labels: torch.Tensor
+    task_ids: np.ndarray  # [N] index into `tasks`
+
+
+def held_out_examples(prepared, model: torch.nn.Module, per_task: int, min_task_accuracy: float) -> HeldOutExamples:
+    """The first `per_task` held-out examples of every trained task whose held-out accuracy is at least
+    `min_task_accuracy`, ordered by task."""
+    trained = [d for d, is_trained in zip(prepared.data, prepared.suite.trained) if is_trained]
+    accuracy = {name: stats["accuracy"] for name, stats in evaluate(model, trained, "cpu").items()}
+    chosen = [d for d in trained if accuracy[d.task.name] >= min_task_accuracy]
+    return HeldOutExamples(
+        [d.task.name for d in chosen], accuracy,
+        torch.cat([d.held_out.inputs[:per_task] for d in chosen]) if chosen else torch.empty(0),
+        torch.cat([d.held_out.labels[:per_task] for d in chosen]) if chosen else torch.empty(0),
+        np.repeat(np.arange(len(chosen)), [min(per_task, len(d.held_out.inputs)) for d in chosen]))
+
+
 def discover_groups(run_dir: Path, out: Path, options: DiscoveryOptions, step: Optional[int] = None,
                     per_task: int = 64, min_task_accuracy: float = 0.0, seed: int = 0) -> dict:
     """Writes OUT/groups.json and OUT/similarity.npy; returns the groups record."""
@@ -64,21 +87,17 @@ def discover_groups(run_dir: Path, out: Path, options: DiscoveryOptions, step: O
     if out.exists() and not out.is_dir():
         raise CapshapeError(f"--out {out} is a file: choose a directory.")
     config, prepared, model = load_run_model(run_dir, step)
-    trained = [d for d, is_trained in zip(prepared.data, prepared.suite.trained) if is_trained]
-    accuracy = {name: stats["accuracy"] for name, stats in evaluate(model, trained, "cpu").items()}
-    chosen = [d for d in trained if accuracy[d.task.name] >= min_task_accuracy]
-    if len(chosen) < 2:
-        raise CapshapeError(f"only {len(chosen)} task(s) reach held-out accuracy {min_task_accuracy} at this step: "
-                            f"lower --min-task-accuracy or pick a later --step.")
-    inputs = torch.cat([d.held_out.inputs[:per_task] for d in chosen])
-    labels = torch.cat([d.held_out.labels[:per_task] for d in chosen])
-    task_ids = np.repeat(np.arange(len(chosen)), [min(per_task, len(d.held_out.inputs)) for d in chosen])
-    found = discover(model, inputs, labels, options, seed)
+    examples = held_out_examples(prepared, model, per_task, min_task_accuracy)
+    if len(examples.tasks) < 2:
+        raise CapshapeError(f"only {len(examples.tasks)} task(s) reach held-out accuracy {min_task_accuracy} at this "
+                            f"step: lower --min-task-accuracy or pick a later --step.")
+    task_ids = examples.task_ids
+    found = discover(model, examples.inputs, examples.labels, options, seed)
     record = {
         "run": str(run_dir), "step": config.train.steps if step is None else step, "seed": seed,
         "options": options.model_dump(), "per_task": per_task, "min_task_accuracy": min_task_accuracy,
-        "tasks": [d.task.name for d in chosen], "tasks_left_out": [d.task.name for d in trained if d not in chosen],
-        "task_accuracy": accuracy, "true_k": len(chosen),
+        "tasks": examples.tasks, "tasks_left_out": [t for t in examples.accuracy if t not in examples.tasks],
+        "task_accuracy": examples.accuracy, "true_k": len(examples.tasks),
         **found.record(task_ids),
         "example_task": task_ids[found.kept].tolist(), "example_cluster": found.labels.tolist(),
         "versions": {"capshape": version("capshape"), "torch": torch.__version__, "python": platform.python_version()},

@@ -112,7 +112,7 @@ def example_gram(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, e
                  subset: str = "no_embed_norm", sketch_dim: int = 1024, seed: int = 0,
                  factors: Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> torch.Tensor:
     """G [N, N] float64, G_nm = <∇ℓ_n, ∇ℓ_m> over the parameters of `subset`, by `engine`: `exact`
-    (vmap per-example gradients, any parameter), `gram` (exact, linear layers only, from token sums)
+    (per_example_gradients, any parameter), `gram` (exact, linear layers only, from token sums)
     or `sketch` (the unbiased GradientSketcher estimate with `sketch_dim` coordinates, linear layers
     only). `factors(layers)`: where the linear engines get capture_linear_io factors (default: captured here)."""
     if engine == "exact":

@@ -32,7 +32,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from capshape.cli import DEMO_CONFIG
+from capshape.cli import DEMO_CONFIGS
 from capshape.config import load_config
 from capshape.grads import GradientSketcher, gradient_gram, per_example_gradients
 from capshape.models import build_model, per_example_losses
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(DEMO_CONFIG, ["data.train_examples=500", "data.eval_examples=16",
+    config = load_config(DEMO_CONFIGS["text"], ["data.train_examples=500", "data.eval_examples=16",
                                        f"train.batch_size={args.batch}"])
     prepared = prepare_data(config, seed=0)
     batch = prepared.sampler(config, seed=0).sample().to(args.device)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from capshape.cli import DEMO_CONFIG
+from capshape.cli import DEMO_CONFIGS
 from capshape.config import load_config
 from capshape.models import build_model
 from capshape.objectives import build_objective
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(DEMO_CONFIG, ["data.train_examples=2000", "data.eval_examples=16"])
+    config = load_config(DEMO_CONFIGS["text"], ["data.train_examples=2000", "data.eval_examples=16"])
     prepared = prepare_data(config, seed=0)
     steps = args.periods * args.regroup_every
     runs = {}

@@ -12,7 +12,7 @@ import time
 import torch
 
 from capshape.config import load_config
-from capshape.cli import DEMO_CONFIG
+from capshape.cli import DEMO_CONFIGS
 from capshape.models import build_model, per_example_losses
 from capshape.objectives import build_objective
 from capshape.train.loop import make_optimizer, prepare_data
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast the forward pass.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(DEMO_CONFIG, ["data.train_examples=500", "data.eval_examples=16"])
+    config = load_config(DEMO_CONFIGS["text"], ["data.train_examples=500", "data.eval_examples=16"])
     prepared = prepare_data(config, seed=0)
     batch = prepared.sampler(config, seed=0).sample().to(args.device)
     model = build_model(config.model, prepared.suite.input_spec).to(args.device)

@@ -36,6 +36,8 @@ class DataConfig(Section):
     stratify: bool = Field(True, description="Every trained task appears in every batch.")
     burstiness: int = Field(1, gt=0, description="Examples per run of one task within a batch (1: i.i.d.).")
     group_by: Literal["task", "group"] = Field("task", description="Capability groups for grouped objectives: one per task, or the tasks' group labels.")
+    ungrouped: list[str] = Field([], description="Trained tasks left out of the capability groups: they share one group, 'ungrouped', "
+                                 "so a grouped objective sees them only together (does what it does not single out still develop smoothly?).")
 
     @model_validator(mode="after")
     def _positive_weights(self) -> "DataConfig":

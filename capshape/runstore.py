@@ -68,6 +68,11 @@ def exclusive(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def run_name(objective: str, seed: int) -> str:
+    """The directory of one objective x seed inside a comparison (or protocol) directory."""
+    return f"{objective}-seed{seed}"
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)

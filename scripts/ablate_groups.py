@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from capshape.experiments.groups import held_out_examples, load_run_model
-from capshape.experiments.transfer_stats import t_interval
+from capshape.metrics.stats import t_interval
 from capshape.grads.discovery import DiscoveryOptions, cluster_gram, example_losses
 from capshape.grads.gram import example_gram
 

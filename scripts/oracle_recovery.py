@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capshape.experiments.transfer_stats import t_interval
+from capshape.metrics.stats import t_interval
 from capshape.runstore import RunDir, read_json
 
 

@@ -28,9 +28,17 @@ def test_every_shipped_config_validates(path):
     check(load_config(path, schema=schema))
 
 
-def test_demo_config_is_shipped_twice_identically():
+@pytest.mark.parametrize("name", ["demo.toml", "demo_sparse_parity.toml"])
+def test_demo_configs_are_shipped_twice_identically(name):
     root = Path(__file__).parents[1]
-    assert (root / "configs/demo.toml").read_text() == (root / "capshape/configs/demo.toml").read_text()
+    assert (root / "configs" / name).read_text() == (root / "capshape/configs" / name).read_text()
+
+
+def test_shipped_comparisons_run_three_seeds():
+    for path in SHIPPED:
+        config = load_config(path, schema=PROTOCOL_CONFIGS.get(path.name, (RunConfig,))[0])
+        if path.name not in PROTOCOL_CONFIGS and len(config.objectives) > 1:
+            assert len(config.seeds) >= 3, path.name
 
 
 @pytest.mark.parametrize("override, field", [

@@ -33,7 +33,7 @@ def test_same_seed_same_numbers(tmp_path, tiny_config):
     assert _eval_rows(tmp_path / "a") == _eval_rows(tmp_path / "b")
 
 
-@pytest.mark.parametrize("objective", ["mean", "group_dro"])
+@pytest.mark.parametrize("objective", ["mean", "group_dro", "loss_proportional", "doremi"])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_config, objective):
     train_run(tiny_config, objective, 0, tmp_path / "whole")
     interrupted_run(tiny_config, objective, tmp_path / "cut", at_step=7)

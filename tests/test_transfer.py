@@ -17,8 +17,8 @@ from capshape.experiments import transfer as protocol
 from capshape.experiments.transfer import (TransferConfig, base_path, cell_dir, cell_specs, check_transfer_config,
                                            run_transfer, stage_a_dir)
 from capshape.experiments.transfer_proxy import task_affinities
-from capshape.experiments.transfer_stats import (cluster, metric_stats, rank_agreement, signed_similarity, similarity,
-                                                 t_interval)
+from capshape.experiments.transfer_stats import cluster, metric_stats, rank_agreement, signed_similarity, similarity
+from capshape.metrics.stats import t_interval
 from capshape.models import build_model, per_example_losses
 from capshape.report import build_report
 from capshape.runstore import read_json

@@ -15,16 +15,14 @@ import numpy as np
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import EXECUTORS, Cell, run_cells
-from capshape.runstore import RunDir, exclusive, read_json, write_json
+from capshape.runstore import RunDir, exclusive, read_json, run_name, write_json
+from capshape.metrics.stats import paired_difference
 from capshape.train import check_config, train_run
 from capshape.train.parallel import resolve_device
+from capshape.train.summary import LEVELS
 
 EMERGENCE_KEYS = ("step_10", "step_50", "step_90", "transition_width", "max_slope_per_pct", "jump",
                   "breakthroughness", "logistic_width")
-
-
-def run_name(objective: str, seed: int) -> str:
-    return f"{objective}-seed{seed}"
 
 
 def run_comparison(config: RunConfig, out: Path, resume: bool = False, show_progress: bool = True,
@@ -75,9 +73,80 @@ def _mean_std(values: list) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
 
+BASELINE = "mean"
+LOWEST = str(LEVELS[0])
+# The verdict: metric -> (label, what a positive difference vs `mean` means). Stored in summary.json
+# with the figures, so that the report and the CLI read labels from the summary, not from here.
+VERDICT_METRICS = {
+    "transition_width": ("transition width (steps)", "more gradual"),
+    "jump": ("jump score", "more abrupt"),
+    "breakthroughness": ("breakthroughness", "more abrupt"),
+    "group_loss_cv": ("group-loss spread (CV)", "less even across groups"),
+    "worst_group_loss": ("worst-group loss", "worse worst group"),
+    "alignment_tax": ("alignment tax (nats)", "higher mean held-out loss"),
+    "mean_accuracy": ("mean accuracy", "more accurate"),
+    "rank_correlation": ("task-curve rank correlation", "tasks more alike"),
+    "accuracy_spread": ("across-task accuracy spread", "tasks further apart"),
+    "composition_gap": ("composition gap", "composed skill further from P(X)·P(Y)"),
+    "ungrouped_transition_width": ("width of ungrouped tasks (steps)", "more gradual"),
+}
+RUN_VALUES = {  # verdict metric -> its value in one run's summary (the tax is the difference of mean_eval_loss)
+    "group_loss_cv": lambda s: s["group_loss_spread"]["mean_cv"],
+    "worst_group_loss": lambda s: s["worst_group_loss"],
+    "alignment_tax": lambda s: s["mean_eval_loss"],
+    "mean_accuracy": lambda s: s["mean_accuracy"],
+    "rank_correlation": lambda s: s["representativeness"]["rank_correlation"],
+    "accuracy_spread": lambda s: s["representativeness"]["accuracy_spread"],
+    "composition_gap": lambda s: s["composition_gap"],
+}
+TASK_VALUES = {"transition_width": "transition_width", "jump": "jump", "breakthroughness": "breakthroughness",
+               "ungrouped_transition_width": "transition_width"}  # verdict metric -> per-task key
+
+
+def _task_pair(treated: dict, control: dict, key: str, tasks: list[str]) -> tuple:
+    """Means of a per-task metric over the `tasks` that reach the lowest accuracy level in both runs."""
+    kept = [t for t in tasks if all(s["tasks"][t]["levels"][LOWEST] is not None and s["tasks"][t][key] is not None
+                                    for s in (treated, control))]
+    if not kept:
+        return None, None, kept
+    return (float(np.mean([treated["tasks"][t][key] for t in kept])),
+            float(np.mean([control["tasks"][t][key] for t in kept])), kept)
+
+
+def compare_to_baseline(summaries: dict, objective: str, seeds: list[int]) -> dict:
+    """Per verdict metric: the paired difference `objective − mean` over the seeds both finished, with
+    its 95 % t-interval. Per-task metrics average the tasks that reach the lowest level in both runs of
+    a pair; `excluded` names those left out in some pair."""
+    pairs = [(summaries[(objective, seed)], summaries[(BASELINE, seed)]) for seed in seeds
+             if (objective, seed) in summaries and (BASELINE, seed) in summaries]
+    comparison = {}
+    for metric in VERDICT_METRICS:
+        if metric in RUN_VALUES:
+            values = [(RUN_VALUES[metric](a), RUN_VALUES[metric](b)) for a, b in pairs]
+            comparison[metric] = paired_difference(values)
+            continue
+        ungrouped = metric.startswith("ungrouped")
+        excluded, values, kept_per_pair = set(), [], []
+        for a, b in pairs:
+            shape = a.get("shape_ungrouped") if ungrouped else None
+            if ungrouped and not shape:
+                continue
+            tasks = shape["tasks"] + shape["excluded"] if ungrouped else list(a["tasks"])
+            treated, control, kept = _task_pair(a, b, TASK_VALUES[metric], tasks)
+            values.append((treated, control))
+            kept_per_pair.append(kept)
+            excluded |= set(tasks) - set(kept)
+        if ungrouped and not values:
+            continue
+        counts = [len(kept) for kept in kept_per_pair]
+        comparison[metric] = {**paired_difference(values), "tasks": float(np.mean(counts)) if counts else 0.0,
+                              "excluded": sorted(excluded)}
+    return comparison
+
+
 def aggregate(out: Path, specs: list[tuple[str, int]]) -> dict:
-    """Per objective: each task's emergence metrics and final held-out figures, mean ± std over seeds,
-    and the alignment tax: final mean held-out loss minus that of `mean` with the same seed."""
+    """Per objective: each task's emergence metrics, absolute levels and final held-out figures, mean ±
+    std over seeds; and per objective other than `mean`, the paired verdict (`comparison`)."""
     summaries = {}
     for objective, seed in specs:
         run = RunDir(out / run_name(objective, seed))
@@ -94,6 +163,8 @@ def aggregate(out: Path, specs: list[tuple[str, int]]) -> dict:
             "tasks": {
                 task: {
                     **{key: _mean_std([s["tasks"][task][key] for _, s in runs]) for key in EMERGENCE_KEYS},
+                    **{f"level_{level}": _mean_std([s["tasks"][task]["levels"][str(level)] for _, s in runs])
+                       for level in LEVELS},
                     **{f"final_{key}": _mean_std([s["tasks"][task]["final_eval"][key] for _, s in runs])
                        for key in ("accuracy", "loss", "target_logprob", "token_accuracy")},
                     "group": tasks[task]["group"],
@@ -102,13 +173,20 @@ def aggregate(out: Path, specs: list[tuple[str, int]]) -> dict:
             },
             "mean_eval_loss": _mean_std([s["mean_eval_loss"] for _, s in runs]),
             "mean_accuracy": _mean_std([s["mean_accuracy"] for _, s in runs]),
-            "mean_transition_width": _mean_std(
-                [np.mean([t["transition_width"] for t in s["tasks"].values() if t["transition_width"] is not None])
-                 if any(t["transition_width"] is not None for t in s["tasks"].values()) else None for _, s in runs]),
+            "mean_transition_width": _mean_std([s["shape"]["transition_width"] for _, s in runs]),
+            "width_excluded": sorted({t for _, s in runs for t in s["shape"]["excluded"]}),
             "mean_group_loss_cv": _mean_std([s["group_loss_spread"]["mean_cv"] for _, s in runs]),
+            "worst_group_loss": _mean_std([s["worst_group_loss"] for _, s in runs]),
+            "rank_correlation": _mean_std([s["representativeness"]["rank_correlation"] for _, s in runs]),
             "alignment_tax": _mean_std([
-                s["mean_eval_loss"] - summaries[("mean", seed)]["mean_eval_loss"]
-                for seed, s in runs if ("mean", seed) in summaries
+                s["mean_eval_loss"] - summaries[(BASELINE, seed)]["mean_eval_loss"]
+                for seed, s in runs if (BASELINE, seed) in summaries
             ]),
         }
-    return {"runs": [run_name(o, s) for o, s in specs], "objectives": objectives}
+    seeds = sorted({seed for _, seed in specs})
+    comparison = {objective: compare_to_baseline(summaries, objective, seeds)
+                  for objective in objectives if objective != BASELINE and BASELINE in objectives}
+    return {"runs": [run_name(o, s) for o, s in specs], "objectives": objectives, "baseline": BASELINE,
+            "comparison": comparison,
+            "verdict_metrics": {key: {"label": label, "positive": positive} for key, (label, positive) in VERDICT_METRICS.items()},
+            "interval": "95 % Student-t interval of the per-seed paired differences (objective − mean, same seed)"}

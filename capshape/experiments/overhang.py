@@ -37,16 +37,15 @@ from pydantic import Field
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
-from capshape.experiments.compare import run_name
 from capshape.experiments.executor import Cell, run_cells
 from capshape.experiments.protocol import check_resumable
-from capshape.experiments.transfer_stats import t_interval
+from capshape.metrics.stats import t_interval
 from capshape.experiments.unlearn import RoutingSection
 from capshape.experiments.unlearn_methods import FORGET, RETAIN
 from capshape.metrics import steps_to_fraction
 from capshape.models import build_model
 from capshape.routing import Routes, contract_mlp
-from capshape.runstore import RunDir, exclusive, read_json, write_json
+from capshape.runstore import RunDir, exclusive, read_json, run_name, write_json
 from capshape.tasks import TASKS, TOKENS
 from capshape.train import check_config, load_model, save_model, train_run
 

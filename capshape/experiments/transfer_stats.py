@@ -27,22 +27,12 @@ from scipy import stats
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
 
+from capshape.metrics.stats import t_interval
+
 METRICS = {  # metric -> (scale, sign, unit): T = sign·scale·(value after A->B − value after B only)
     "accuracy": (100.0, 1.0, "pp"),
     "loss": (1.0, -1.0, "nats"),
 }
-
-
-def t_interval(values: list[float], confidence: float = 0.95) -> dict:
-    """Mean and the two-sided t-interval of the mean; low/high are None with fewer than 2 values."""
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "low": None, "high": None, "n": 0}
-    mean = float(np.mean(values))
-    if n < 2:
-        return {"mean": mean, "low": None, "high": None, "n": 1}
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
 
 
 def to_json(matrix: np.ndarray) -> list[list]:

@@ -1,5 +1,6 @@
 """An objective turns per-example losses (shape [B]) and group ids into per-example weights;
 the training step then backprops the single weighted sum Σ_j w_j ℓ_j (TorchJD/LibMTL style).
+A data-side objective instead changes the mixture the next batch is drawn from (`mixture`).
 
 Weights are constants (detached), chosen so that ∇ Σ_j w_j ℓ_j equals the gradient of the
 objective's value L; e.g. for L = Σ_g ℓ_g^p with ℓ_g = mean_{j∈g} ℓ_j, w_j = p ℓ_g^(p-1) / n_g.
@@ -62,6 +63,12 @@ class Objective:
     def forward_context(self, model: torch.nn.Module, batch) -> ContextManager:
         """Wraps the training forward pass, e.g. to record activations that `group_ids` then uses."""
         return nullcontext()
+
+    def mixture(self, data_mixture: torch.Tensor, group_of_task: torch.Tensor) -> torch.Tensor:
+        """The probability of drawing each trained task into the next batch; by default the data's own
+        mixture. Data-side objectives (`stratified`, `loss_proportional`) change which examples are drawn
+        here, from their checkpointed state, and keep the mean's weights."""
+        return data_mixture
 
     def observe(self, step: int, model: torch.nn.Module, sampler) -> dict | None:
         """Called before every step; objectives that learn their groups from gradients regroup here

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capshape.errors import CapshapeError
-from capshape.experiments.compare import run_name
 from capshape.report.distill import distill_report
 from capshape.report.groups import groups_report
 from capshape.report.html import render_page
@@ -20,7 +19,7 @@ from capshape.report.plots import render_plots
 from capshape.report.overhang import overhang_report
 from capshape.report.transfer import transfer_report
 from capshape.report.unlearn import unlearn_report
-from capshape.runstore import RunDir, read_json, write_atomic
+from capshape.runstore import RunDir, read_json, run_name, write_atomic
 
 __all__ = ["build_report", "load_experiment", "Experiment", "Run"]
 
@@ -62,6 +61,7 @@ class Experiment:
     stats: dict[str, dict]
     runs: list[Run]
     failed: dict[str, str]
+    summary: dict  # the comparison's summary.json ({} for a single run)
 
     @property
     def name(self) -> str:
@@ -108,7 +108,8 @@ def _single_value(value) -> dict:
 def _single_run_stats(summary: dict) -> dict:
     """One run's summary in the per-objective comparison format (n = 1)."""
     tasks = {
-        task: {**{key: _single_value(value) for key, value in metrics.items() if key not in ("group", "final_eval")},
+        task: {**{key: _single_value(value) for key, value in metrics.items() if key not in ("group", "final_eval", "levels")},
+               **{f"level_{level}": _single_value(step) for level, step in metrics["levels"].items()},
                **{f"final_{key}": _single_value(value) for key, value in metrics["final_eval"].items()},
                "group": metrics["group"]}
         for task, metrics in summary["tasks"].items()
@@ -141,10 +142,10 @@ def load_experiment(path: Path) -> Experiment:
         if not runs:
             raise CapshapeError(f"{path}: no run finished, so there is nothing to report "
                                 f"({len(failed)} failed); fix the cause and rerun with --resume.")
-        return Experiment(path, config, summary["objectives"], runs, failed)
+        return Experiment(path, config, summary["objectives"], runs, failed, summary)
     if "tasks" in summary and (path / "metrics.jsonl").exists():
         run = _load_run(path)
-        return Experiment(path, config, {run.objective: _single_run_stats(summary)}, [run], {})
+        return Experiment(path, config, {run.objective: _single_run_stats(summary)}, [run], {}, {})
     raise CapshapeError(f"{path} is neither a run directory (metrics.jsonl and summary.json with 'tasks') nor a "
                         f"comparison directory (summary.json with 'objectives'): pass a directory written by capshape.")
 

@@ -9,6 +9,8 @@ import json
 from html import escape
 from typing import TYPE_CHECKING
 
+from capshape.report.verdict import number, verdict
+
 if TYPE_CHECKING:
     from capshape.report import Experiment
 
@@ -31,16 +33,10 @@ table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; }
+td.sure { font-weight: bold; background: #e8f4e8; }
 .warning { background: #fff3cd; border: 1px solid #e0b000; padding: 0.6em 1em; margin: 1em 0; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; } dt { font-weight: bold; }
 """
-
-
-def number(value) -> str:
-    """3 significant digits, but whole numbers from 100 up (steps, widths) without an exponent."""
-    if value is None:
-        return "—"
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def mean_std(stat: dict) -> str:
@@ -55,6 +51,23 @@ def image(images: dict[str, bytes], name: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
 
 
+def verdict_section(experiment: Experiment) -> str:
+    """The answer first: every objective vs `mean`, paired over seeds, with intervals."""
+    found = verdict(experiment.summary)
+    if found is None:
+        return ("<p>A single run: there is nothing to compare it with. Compare objectives over 3 or more "
+                "seeds with <code>capshape run</code> for a verdict.</p>")
+    heading = "".join(f"<th>{escape(o)}</th>" for o in found.objectives)
+    body = "".join(
+        f"<tr><td>{escape(label)}</td><td>{escape(positive)}</td>"
+        + "".join(f'<td class="sure">{escape(text)} *</td>' if sure else f"<td>{escape(text)}</td>" for text, sure in cells)
+        + "</tr>"
+        for label, positive, cells in found.rows)
+    notes = "".join(f"<p>{escape(note)}</p>" for note in found.notes)
+    warning = '<div class="warning">One seed: this comparison cannot tell.</div>' if found.seeds < 2 else ""
+    return (f"<h2>Verdict</h2>{warning}<table><tr><th>metric</th><th>+ means</th>{heading}</tr>{body}</table>{notes}")
+
+
 def header(experiment: Experiment) -> str:
     facts = {
         "directory": str(experiment.path),
@@ -65,8 +78,7 @@ def header(experiment: Experiment) -> str:
     }
     rows = "".join(f"<dt>{escape(key)}</dt><dd>{escape(value)}</dd>" for key, value in facts.items())
     config = escape(json.dumps(experiment.config, indent=2))
-    return (f"<h1>{escape(experiment.name)}</h1><dl>{rows}</dl>"
-            f"<details><summary>config</summary><pre>{config}</pre></details>")
+    return f"<h2>Setup</h2><dl>{rows}</dl><details><summary>config</summary><pre>{config}</pre></details>"
 
 
 def failed_box(experiment: Experiment) -> str:
@@ -77,22 +89,35 @@ def failed_box(experiment: Experiment) -> str:
             f"figure and table:<ul>{items}</ul></div>")
 
 
+def level_text(stat: dict, seeds: int) -> str:
+    """First step reaching an absolute level: mean over the seeds that reach it, or "not reached"."""
+    if stat["n"] == 0:
+        return "not reached"
+    return number(stat["mean"]) + (f" ({stat['n']}/{seeds} seeds)" if stat["n"] < seeds else "")
+
+
 def emergence_table(experiment: Experiment) -> str:
-    objectives = experiment.objectives
-    top = "".join(f'<th colspan="{len(EMERGENCE_COLUMNS)}">{escape(o)}</th>' for o in objectives)
-    sub = "".join(f"<th>{escape(heading)}</th>" for _ in objectives for heading in EMERGENCE_COLUMNS.values())
+    levels = [key for key in next(iter(experiment.stats.values()))["tasks"][experiment.tasks[0]] if key.startswith("level_")]
+    heading = "".join(f"<th>{escape(h)}</th>" for h in EMERGENCE_COLUMNS.values())
+    heading += "".join(f"<th>acc ≥ {escape(key.removeprefix('level_'))} at</th>" for key in levels)
     body = ""
     for task in experiment.tasks:
-        per_objective = [experiment.stats[o]["tasks"].get(task) for o in objectives]  # None: task not in that run
-        group = next(stats["group"] for stats in per_objective if stats)
-        cells = "".join(f"<td>{mean_std(stats[key]) if stats else '—'}</td>"
-                        for stats in per_objective for key in EMERGENCE_COLUMNS)
-        body += f"<tr><td>{escape(task)}</td><td>{escape(str(group))}</td>{cells}</tr>"
-    return (f'<table><tr><th rowspan="2">task</th><th rowspan="2">group</th>{top}</tr><tr>{sub}</tr>{body}</table>'
-            "<p>step 50% = first eval step where held-out accuracy reaches 50% of its final value; "
-            "transition width = step 90% − step 10%; max slope = largest accuracy gain between evals per 1% "
-            "of training; jump = largest gain between consecutive evals; breakthrough = BIG-bench "
-            "breakthroughness; — = undefined.</p>")
+        for objective in experiment.objectives:
+            stats = experiment.stats[objective]["tasks"].get(task)
+            if stats is None:  # task not in that run
+                continue
+            seeds = len(experiment.stats[objective]["seeds"])
+            cells = "".join(f"<td>{mean_std(stats[key])}</td>" for key in EMERGENCE_COLUMNS)
+            cells += "".join(f"<td>{level_text(stats[key], seeds)}</td>" for key in levels)
+            body += f"<tr><td>{escape(task)}</td><td>{escape(str(stats['group']))}</td><td>{escape(objective)}</td>{cells}</tr>"
+    return (f"<table><tr><th>task</th><th>group</th><th>objective</th>{heading}</tr>{body}</table>"
+            "<p>With several seeds a cell shows the mean and standard deviation over seeds. Accuracy is chance-corrected, (acc − chance) / "
+            "(1 − chance), chance 0 for the text tasks. step 50% = first eval step where held-out accuracy reaches "
+            "50% of its final value; transition width = step 90% − step 10% (of the final value, so a task that "
+            "ends low still has one: read it with the absolute levels); max slope = largest accuracy gain between "
+            "evals per 1% of training; jump = largest gain between consecutive evals; breakthrough = BIG-bench "
+            "breakthroughness; acc ≥ L at = first eval step reaching the absolute level L (mean over the seeds "
+            "that reach it); — = undefined.</p>")
 
 
 def objective_table(experiment: Experiment) -> str:
@@ -120,8 +145,10 @@ def page(title: str, parts: list[str]) -> str:
 def render_page(experiment: Experiment, images: dict[str, bytes]) -> str:
     band = " Lines are the mean over seeds; the shaded band spans min to max." if len(experiment.seeds) > 1 else ""
     sections = [
-        header(experiment),
+        f"<h1>{escape(experiment.name)}</h1>",
+        verdict_section(experiment),
         failed_box(experiment),
+        header(experiment),
         section("Per-task curves",
                 f"<p>Held-out exact-match accuracy (discontinuous), loss and target log-prob (continuous) "
                 f"per task, one line per objective.{band}</p>",

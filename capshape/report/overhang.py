@@ -8,10 +8,9 @@ from html import escape
 from pathlib import Path
 
 from capshape.errors import CapshapeError
-from capshape.experiments.compare import run_name
 from capshape.report.html import image, number, page, section
 from capshape.report.plots import Series, grid_figure, png_bytes
-from capshape.runstore import RunDir, read_json
+from capshape.runstore import RunDir, read_json, run_name
 
 
 def _curves(path: Path, phase: str, regime: str, seeds: list, task: str, key: str = "accuracy") -> list[dict]:

@@ -30,6 +30,7 @@ class Task:
     description: str = ""
     parts: tuple[str, ...] = ()
     scorer: Callable[[str, str], float] = exact_match
+    chance: float = 0.0  # accuracy of guessing; emergence is measured on (acc - chance) / (1 - chance)
 
     def example(self, rng: random.Random) -> tuple[str, str]:
         text = self.sample_input(rng)

@@ -111,7 +111,9 @@ class MixtureSampler:
                 f"train.batch_size={batch_size} holds fewer runs of data.burstiness={burstiness} than the {len(data)} "
                 f"tasks: raise it or set data.stratify=false."
             )
-        self.data, self.weights, self.batch_size, self.stratify = data, weights, batch_size, stratify
+        self.data, self.batch_size, self.stratify = data, batch_size, stratify
+        self.data_mixture = weights  # the configured mixture; `weights` is what the next batch is drawn from
+        self.weights = weights
         self.burstiness = burstiness
         self.group_of_task = torch.tensor(group_of_task)
         self.seed = seed

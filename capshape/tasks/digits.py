@@ -25,7 +25,7 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def class_task(label: int) -> Task:
     return Task(name=f"digit_{label}", group="digits", tag="", sample_input=None, solve=None,
-                description=f"8x8 images of the digit {label}")
+                description=f"8x8 images of the digit {label}", chance=0.1)
 
 
 def vector_split(images: np.ndarray, labels: np.ndarray) -> Split:

@@ -96,7 +96,7 @@ class SparseParitySuite(Suite):
             generator = torch.Generator().manual_seed(task_seed(seed, name))
             train, held_out = draw_bits(data_config.train_examples, data_config.eval_examples, params.n_bits, generator)
             task = Task(name, "parity", tag="", sample_input=None, solve=None,
-                        description=f"parity of bits {list(subset)} of {params.n_bits}")
+                        description=f"parity of bits {list(subset)} of {params.n_bits}", chance=0.5)
             data.append(TaskData(task, _split(index, train, subset, params.n_subtasks),
                                  _split(index, held_out, subset, params.n_subtasks)))
         spec = InputSpec("vectors", d_in=params.n_subtasks + params.n_bits, n_classes=2)

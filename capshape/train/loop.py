@@ -34,7 +34,7 @@ from capshape.tasks.suites import SUITES, parse_suite_params
 from capshape.train.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from capshape.train.evaluate import evaluate
 from capshape.train.parallel import autocast, data_parallel, resolve_device, shard_batch
-from capshape.train.summary import summarize_run
+from capshape.train.summary import UNGROUPED, summarize_run
 
 ProgressFn = Callable[[int, float], None]
 
@@ -73,7 +73,11 @@ class Prepared:
 
 def prepare_data(config: RunConfig, seed: int) -> Prepared:
     suite = build_suite(config.data, seed, config.model.max_len)
-    labels = [d.task.name if config.data.group_by == "task" else d.task.group for d in suite.data]
+    stray = sorted(set(config.data.ungrouped) - {d.task.name for d in suite.data})
+    if stray:
+        raise CapshapeError(f"data.ungrouped: '{stray[0]}' is not a task of the {config.data.suite} suite: remove it.")
+    labels = [UNGROUPED if d.task.name in config.data.ungrouped else d.task.name if config.data.group_by == "task"
+              else d.task.group for d in suite.data]
     group_names = list(dict.fromkeys(labels))
     return Prepared(suite, group_names, [group_names.index(label) for label in labels])
 
@@ -86,6 +90,9 @@ def check_config(config: RunConfig) -> None:
         tasks, trained = suite.resolve(config.data)
         names = [t.name for t, is_trained in zip(tasks, trained) if is_trained]
         mixture_weights(names, config.data.mixture, config.data.zipf_exponent, config.data.weights)
+        stray = [t for t in config.data.ungrouped if t not in names]
+        if stray:
+            raise CapshapeError(f"data.ungrouped: '{stray[0]}' is not a trained task of data.tasks: list it there or remove it.")
     unknown = sorted(set(config.objective) - set(config.objectives))
     if unknown:
         raise CapshapeError(f"config section 'objective.{unknown[0]}' configures an objective not in 'objectives'.")
@@ -119,8 +126,11 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Ada
 
 
 def single_run_config(config: RunConfig, objective: str, seed: int) -> RunConfig:
+    """One objective and seed of `config`, with the objective's parameters resolved (defaults filled in),
+    so that a run's config.json says every value it trained with."""
+    params = build_objective(objective, config.objective.get(objective, {}), num_groups=1).params
     return config.model_copy(update={"objectives": [objective], "seeds": [seed],
-                                     "objective": {objective: config.objective.get(objective, {})}})
+                                     "objective": {objective: params.model_dump(mode="json")}})
 
 
 def train_run(config: RunConfig, objective_name: str, seed: int, out: Path, resume: bool = False,
@@ -200,6 +210,7 @@ def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: Run
         {d.task.name: d.task.parts for d in data},
         {d.task.name: prepared.group_names[g] for d, g in zip(data, prepared.group_of_task)},
         config.train.steps,
+        {d.task.name: d.task.chance for d in data},
     )
     summary = {"objective": objective_name, "seed": seed, **summary,
                "suite_metrics": SUITES.get(config.data.suite).summary_extras(rows),
@@ -219,13 +230,14 @@ class StepResult:
 
 def training_step(step: int, config: RunConfig, model, objective: Objective, optimizer, sampler: MixtureSampler,
                   hooks: StepHooks, device: str, net: Optional[torch.nn.Module] = None) -> StepResult:
-    """One optimizer step: observe, sample, forward, weigh, one backward, clip, step.
+    """One optimizer step: observe, choose the mixture, sample, forward, weigh, one backward, clip, step.
 
     `net` runs the forward pass: the DDP wrapper of `model` under data parallelism (then the batch is
     this rank's share of the global batch), else `model` itself."""
     record = objective.observe(step, model, sampler)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, config)
+    sampler.weights = objective.mixture(sampler.data_mixture, sampler.group_of_task)
     batch = shard_batch(sampler.sample()).to(device)
     with autocast(device, config.train.precision), hooks.around_forward(model, batch), objective.forward_context(model, batch):
         losses = hooks.losses(net or model, batch)  # [B] in fp32 (per_example_losses upcasts the logits)

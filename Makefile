@@ -20,6 +20,7 @@ demo: setup
 	$(BIN)/capshape demo --out runs/demo
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-all: setup

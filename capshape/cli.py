@@ -33,6 +33,11 @@ def user_errors(command):
         except CapshapeError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2)
+        except OSError as error:  # the filesystem refused (full disk, permissions, read-only): name the file
+            where = f" {error.filename}" if error.filename else ""
+            typer.echo(f"error: cannot read or write{where}: {error.strerror or error}; check the path and "
+                       f"free space, then rerun (with --resume to keep finished work).", err=True)
+            raise typer.Exit(2)
         except KeyboardInterrupt:
             typer.echo("interrupted: finished runs and checkpoints are kept; rerun with --resume to continue.", err=True)
             raise typer.Exit(130)
@@ -52,6 +57,8 @@ def _run_and_report(config_path: Path, overrides: list[str], out: Path, resume: 
     config = load_config(config_path, overrides)
     summary = run_comparison(config, out, resume=resume, device=device, executor=executor, address=address,
                              retries=retries)
+    if not summary["objectives"]:  # nothing to report: the cause is the answer
+        raise_failures(summary)
     report = build_report(out)
     raise_failures(summary)
     for objective, stats in summary["objectives"].items():
@@ -227,10 +234,12 @@ def train_ddp(
     from capshape.train import check_config, train_run
     from capshape.train.loop import single_run_config
     from capshape.train.parallel import init_distributed
+    from capshape.train.preflight import preflight
 
     run_config = single_run_config(load_config(config, set_ or []), objective, seed)
     check_config(run_config)
     device = init_distributed(device)
+    preflight(run_config, device)
     ranks = collectives.world_size()
     try:
         summary = train_run(run_config, objective, seed, out, resume=resume, device=device)
@@ -301,9 +310,16 @@ def runs(root: Path = typer.Argument(Path("runs"), help="Directory holding run d
         raise CapshapeError(f"{root} is not a directory: pass the folder that holds your runs.")
     table = Table("run", "status", "objective", "seed", "step", "error")
     for status_file in sorted(root.rglob("status.json")):
-        status = RunDir(status_file.parent).status()
-        table.add_row(str(status_file.parent.relative_to(root)), status["status"], str(status.get("objective", "")),
-                      str(status.get("seed", "")), str(status.get("step", "")), status.get("error", ""))
+        name = str(status_file.parent.relative_to(root))
+        try:
+            status = RunDir(status_file.parent).live_status()
+            if not isinstance(status, dict) or "status" not in status:
+                raise CapshapeError(f"{status_file} holds no status")
+        except CapshapeError as error:  # one damaged entry is named, not fatal to the listing
+            table.add_row(name, "unreadable", "", "", "", str(error))
+            continue
+        table.add_row(name, str(status["status"]), str(status.get("objective", "")), str(status.get("seed", "")),
+                      str(status.get("step", "")), str(status.get("error", "")))
     console.print(table)
 
 

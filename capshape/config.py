@@ -4,6 +4,7 @@ training with a one-line message naming the field."""
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -19,7 +20,7 @@ else:  # pragma: no cover
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -117,6 +118,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _non_finite(value: Any, path: str = "") -> Optional[str]:
+    """The dotted path of the first inf or NaN number in `value` (nested dicts and lists), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "config"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
 def build_config(raw: dict[str, Any], overrides: list[str] = (), schema: type[RunConfig] = RunConfig) -> RunConfig:
     """Validate `raw` (with `overrides` applied) against `schema`: RunConfig, or a protocol's extension of it."""
     raw = copy.deepcopy(raw)  # overrides must not reach the caller's dict
@@ -128,6 +141,9 @@ def build_config(raw: dict[str, Any], overrides: list[str] = (), schema: type[Ru
             if not isinstance(node, dict):
                 raise CapshapeError(f"--set {text!r}: '{part}' is not a section.")
         node[path[-1]] = value
+    bad = _non_finite(raw)
+    if bad:
+        raise CapshapeError(f"config field '{bad}': must be a finite number (got inf or nan).")
     try:
         return schema.model_validate(raw)
     except ValidationError as error:

@@ -1,7 +1,7 @@
 """The run store: one directory per run, written by `train`, read by `report` and `experiments`.
 
     config.json        resolved config of this run
-    status.json        {"status": running|finished|failed, "error": ...}
+    status.json        {"status": running|finished|failed, "error": ..., "step"; while running: pid, host, heartbeat}
     metrics.jsonl      one row per evaluation, appended and fsynced as measured
     summary.json       emergence metrics (written atomically at the end)
     checkpoints/last.safetensors, model.safetensors
@@ -16,7 +16,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,13 @@ def read_json(path: Path) -> Any:
 def exclusive(path: Path):
     """Hold `path/.lock` so that two capshape processes never write into the same directory."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    with open(path / ".lock", "w") as handle:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / ".lock", "w")
+    except OSError as error:
+        raise CapshapeError(f"--out {str(path)!r}: cannot write there ({error.strerror or error}): "
+                            f"choose a writable directory.") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -68,9 +75,63 @@ def exclusive(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+MAY_CHANGE = ("workers", "train.threads")  # how the work is spread, not what is computed
+
+
+def flatten(raw: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in raw.items():
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def check_resumable(out: Path, config: dict, resume: bool, what: str) -> None:
+    """The resume contract: `out` holds no `what` and `resume` is off, or `resume` is on and its stored
+    config.json equals `config` apart from MAY_CHANGE; otherwise a one-line error naming the first
+    differing field (so config.json always says what the run trained with)."""
+    stored = Path(out) / "config.json"
+    if not stored.exists():
+        if resume:
+            raise CapshapeError(f"--resume: {out} holds no {what.split(' ', 1)[-1]} to resume: drop --resume to start one there.")
+        return
+    if not resume:
+        raise CapshapeError(f"{out} already holds {what}: pass --resume or choose another --out.")
+    old, new = flatten(read_json(stored)), flatten(config)
+    changed = next((f for f in sorted(set(old) | set(new)) if f not in MAY_CHANGE and old.get(f) != new.get(f)), None)
+    if changed:
+        raise CapshapeError(f"{out} holds {what} with {changed}={old.get(changed)!r} but this config has "
+                            f"{new.get(changed)!r}: resume with the same config or choose another --out.")
+
+
+@contextmanager
+def output_directory(out: Path, config: dict, resume: bool, what: str):
+    """Every protocol's output directory: locked while in use, resumed only under the resume contract,
+    with the config it computes stored as config.json before any work starts."""
+    out = Path(out)
+    if resume and not (out / "config.json").exists():
+        check_resumable(out, config, resume, what)  # the error, before anything is created
+    with exclusive(out):
+        check_resumable(out, config, resume, what)
+        write_json(out / "config.json", config)
+        yield out
+
+
 def run_name(objective: str, seed: int) -> str:
     """The directory of one objective x seed inside a comparison (or protocol) directory."""
     return f"{objective}-seed{seed}"
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class RunDir:
@@ -91,7 +152,22 @@ class RunDir:
         return read_json(path) if path.exists() else {"status": "missing"}
 
     def set_status(self, status: str, **extra: Any) -> None:
-        write_json(self.path / "status.json", {"status": status, **extra})
+        """A running run also records who runs it (pid, host) and when it last reported (heartbeat)."""
+        alive = {"pid": os.getpid(), "host": socket.gethostname(), "heartbeat": time.time()} if status == "running" else {}
+        write_json(self.path / "status.json", {"status": status, **extra, **alive})
+
+    def heartbeat(self, step: int) -> None:
+        """A running run's current step, written at every evaluation."""
+        status = self.status()
+        self.set_status("running", **{k: v for k, v in status.items() if k not in ("status", "step")}, step=step)
+
+    def live_status(self) -> dict:
+        """status(), with "interrupted" for a run that says running but whose process is gone
+        (the same host and no process with its pid: killed, or the machine restarted)."""
+        status = self.status()
+        if status["status"] == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
+            return {**status, "status": "interrupted"}
+        return status
 
     def append_metrics(self, row: dict) -> None:
         self.append_record(self.metrics_path.name, row)
@@ -119,7 +195,13 @@ class RunDir:
                 break  # a line cut by a crash mid-write: everything before it is intact
         return rows
 
-    def keep_metrics_until(self, step: int) -> None:
-        """Drop rows measured after `step`, the step of the checkpoint a run resumes from."""
+    def keep_until(self, step: int) -> set[int]:
+        """On resume from the checkpoint at `step`: keep the metrics rows measured at steps <= `step` and
+        the records of steps < `step` (those at `step` are written again when the step reruns), dropping
+        torn lines; returns the steps that have a metrics row."""
         rows = [row for row in self.read_metrics() if row["step"] <= step]
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        for path in self.path.glob("*_records.jsonl"):
+            records = [r for r in self.read_records(path.name) if r.get("step", -1) < step]
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        return {row["step"] for row in rows}

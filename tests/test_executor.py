@@ -20,16 +20,27 @@ def flaky(marker: str, on_progress=None) -> str:
     return "ok"
 
 
-def broken(log: str, on_progress=None) -> None:
-    """Fails on every call, counting its attempts in `log`."""
+def broken(log: str, error: str = "runtime", on_progress=None) -> None:
+    """Fails on every call, counting its attempts in `log`: with an error a retry might cure
+    ("runtime", e.g. a lost worker) or with one it would repeat ("config": a CapshapeError)."""
     with open(log, "a") as handle:
         handle.write("attempt\n")
-    raise ValueError("always broken")
+    raise (RuntimeError if error == "runtime" else CapshapeError)(f"always broken ({error})")
+
+
+def lost_once(marker: str, on_progress=None, **train_kwargs) -> dict:
+    """A training cell whose first attempt loses its worker; the retry must resume."""
+    if not Path(marker).exists():
+        Path(marker).write_text("lost")
+        raise RuntimeError("worker lost")
+    assert train_kwargs["resume"] is True
+    return train_run(**train_kwargs, on_progress=on_progress)
 
 
 def _cells(tmp_path, retry_kwargs=None):
     return [Cell("flaky", flaky, 1, {"marker": str(tmp_path / "marker")}),
-            Cell("broken", broken, 1, {"log": str(tmp_path / "log")}, retry_kwargs=retry_kwargs or {})]
+            Cell("broken", broken, 1, {"log": str(tmp_path / "log")}, retry_kwargs=retry_kwargs or {}),
+            Cell("misconfigured", broken, 1, {"log": str(tmp_path / "config_log"), "error": "config"})]
 
 
 def test_local_executor_retries_failed_cells_and_reports_those_that_always_fail(tmp_path, tiny_config):
@@ -37,13 +48,14 @@ def test_local_executor_retries_failed_cells_and_reports_those_that_always_fail(
     RunDir(out / "mean-seed0").set_status("failed", error="killed")  # as a crashed earlier attempt leaves it
     with pytest.raises(CapshapeError, match="already holds a run: pass --resume"):
         run_comparison(tiny_config, out, show_progress=False)  # a rerun without --resume is refused up front
-    # a retried run continues with its retry_kwargs (resume=True): here its first attempt is refused
-    resumed = Cell("mean-seed0", train_run, 12, dict(config=tiny_config, objective_name="mean", seed=0,
-                                                     out=out / "mean-seed0", resume=False), retry_kwargs={"resume": True})
+    # a retried run continues with its retry_kwargs (resume=True)
+    resumed = Cell("mean-seed0", lost_once, 12, dict(marker=str(tmp_path / "lost"), config=tiny_config, objective_name="mean",
+                                                     seed=0, out=out / "mean-seed1", resume=False), retry_kwargs={"resume": True})
     failures = run_cells([*_cells(tmp_path), resumed], workers=1, show_progress=False, retries=1)
-    assert failures == {"broken": "always broken"}  # flaky and the run succeeded on their retry
+    assert failures == {"broken": "always broken (runtime)", "misconfigured": "always broken (config)"}
     assert (tmp_path / "log").read_text().count("attempt") == 2  # 1 + retries attempts
-    assert RunDir(out / "mean-seed0").status()["status"] == "finished"
+    assert (tmp_path / "config_log").read_text().count("attempt") == 1  # a deterministic error is not retried
+    assert RunDir(out / "mean-seed1").status()["status"] == "finished"
 
 
 def test_unknown_executor_and_missing_gpu_are_one_line_errors(tmp_path, tiny_config):
@@ -87,11 +99,10 @@ def test_ray_executor_runs_a_grid_into_the_same_run_store(tmp_path, tiny_config,
 @pytest.mark.slow
 def test_ray_executor_trains_retries_and_reports(tmp_path, tiny_config, local_ray):
     out = tmp_path / "mean-seed0"
-    RunDir(out).set_status("failed", error="killed")  # its first attempt is refused; the retry resumes
-    run = Cell("mean-seed0", train_run, 12, dict(config=tiny_config, objective_name="mean", seed=0, out=out, resume=False),
-               retry_kwargs={"resume": True})
-    failures = run_cells([*_cells(tmp_path), run], workers=1, show_progress=False, executor="ray", retries=1)
-    assert failures == {"broken": "always broken"}
+    run = Cell("mean-seed0", lost_once, 12, dict(marker=str(tmp_path / "lost"), config=tiny_config, objective_name="mean",
+                                                 seed=0, out=out, resume=False), retry_kwargs={"resume": True})
+    failures = run_cells([*_cells(tmp_path)[:2], run], workers=1, show_progress=False, executor="ray", retries=1)
+    assert failures == {"broken": "always broken (runtime)"}
     assert (tmp_path / "marker").exists()  # flaky failed once, then succeeded
     assert (tmp_path / "log").read_text().count("attempt") == 2
     assert RunDir(out).status()["status"] == "finished" and (out / "model.safetensors").exists()

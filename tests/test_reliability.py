@@ -70,6 +70,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     killed_at = read_tensors(checkpoint)[1]["step"]
     assert 0 < killed_at < 300, "the run must be killed part-way"
     assert RunDir(cut / "group_dro-seed0").status()["status"] == "running"  # never looks finished
+    listing = subprocess.run(cli + ["runs", str(cut)], check=True, capture_output=True, text=True).stdout
+    assert "interrupted" in listing and "running" not in listing  # its process is gone
     assert not (cut / "summary.json").exists()
     subprocess.run(cli + ["run", str(config), "--out", str(cut), "--resume"], check=True, capture_output=True)
     assert _rows(cut / "group_dro-seed0") == _rows(whole / "group_dro-seed0")

@@ -168,3 +168,20 @@ def test_unknown_ungrouped_task_and_demo_suite_are_one_line_errors(tmp_path):
     result = runner.invoke(app, ["demo", "--suite", "grokking", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 2 and "--suite 'grokking' has no demo" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "demo").exists()
+
+
+def test_frequency_order_and_learned_count():
+    steps = [0, 10, 20, 30, 40]
+    curves = {"common": [0.0, 0.6, 0.9, 1.0, 1.0], "middle": [0.0, 0.2, 0.6, 0.95, 1.0],
+              "rare": [0.0, 0.0, 0.2, 0.6, 0.8], "never": [0.0] * 5}
+    rows = _rows(curves, steps)
+    in_order = summarize_run(rows, dict.fromkeys(curves, "g"), {}, {t: t for t in curves}, 40,
+                             frequency={"common": 0.5, "middle": 0.3, "rare": 0.15, "never": 0.05})
+    assert in_order["frequency_order"] == {"rho": pytest.approx(1.0), "tasks": 3}
+    assert in_order["learned"] == 2  # common and middle reach 0.9
+    reversed_order = summarize_run(rows, dict.fromkeys(curves, "g"), {}, {t: t for t in curves}, 40,
+                                   frequency={"common": 0.05, "middle": 0.15, "rare": 0.3, "never": 0.5})
+    assert reversed_order["frequency_order"]["rho"] == pytest.approx(-1.0)
+    uniform = summarize_run(rows, dict.fromkeys(curves, "g"), {}, {t: t for t in curves}, 40,
+                            frequency=dict.fromkeys(curves, 0.25))
+    assert uniform["frequency_order"]["rho"] is None

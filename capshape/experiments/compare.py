@@ -15,10 +15,11 @@ import numpy as np
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import EXECUTORS, Cell, run_cells
-from capshape.runstore import RunDir, exclusive, read_json, run_name, write_json
+from capshape.runstore import RunDir, output_directory, read_json, run_name, write_json
 from capshape.metrics.stats import paired_difference
 from capshape.train import check_config, train_run
 from capshape.train.parallel import resolve_device
+from capshape.train.preflight import preflight
 from capshape.train.summary import LEVELS
 
 EMERGENCE_KEYS = ("step_10", "step_50", "step_90", "transition_width", "max_slope_per_pct", "jump",
@@ -40,21 +41,19 @@ def run_comparison(config: RunConfig, out: Path, resume: bool = False, show_prog
         raise CapshapeError("--ray-address joins a Ray cluster: add --executor ray.")
     if executor == "local" or device == "auto":
         device = resolve_device(device)
+    preflight(config, device)
     if executor == "ray" and not config.train.threads:
         config = config.model_copy(update={"train": config.train.model_copy(update={"threads": 1})})
-    with exclusive(out):
-        return _compare_locked(config, Path(out), resume, show_progress, device, executor, address, retries)
+    with output_directory(out, config.model_dump(mode="json"), resume, "a comparison") as out:
+        return _compare_locked(config, out, resume, show_progress, device, executor, address, retries)
 
 
 def _compare_locked(config: RunConfig, out: Path, resume: bool, show_progress: bool, device: str, executor: str,
                     address: Optional[str], retries: int) -> dict:
-    if (out / "summary.json").exists() and not resume:
-        raise CapshapeError(f"{out} already holds a finished comparison: pass --resume or choose another --out.")
     specs = [(objective, seed) for objective in config.objectives for seed in config.seeds]
     held = [run_name(o, s) for o, s in specs if RunDir(out / run_name(o, s)).status()["status"] != "missing"]
-    if held and not resume:  # checked here, so that a retry (which resumes) only continues its own attempt
+    if held and not resume:  # runs left without the comparison's config.json: never train over them
         raise CapshapeError(f"{out / held[0]} already holds a run: pass --resume or choose another --out.")
-    write_json(out / "config.json", config.model_dump(mode="json"))
     cells = [Cell(run_name(o, s), train_run, config.train.steps,
                   dict(config=config, objective_name=o, seed=s, out=out / run_name(o, s), resume=resume, device=device),
                   retry_kwargs={"resume": True}, cpus=config.train.threads or 1, gpus=float(device.startswith("cuda")))
@@ -62,7 +61,8 @@ def _compare_locked(config: RunConfig, out: Path, resume: bool, show_progress: b
     failures = run_cells(cells, config.workers, show_progress, executor=executor, address=address, retries=retries)
     summary = aggregate(out, specs)
     summary["failed"] = failures
-    write_json(out / "summary.json", summary)
+    if summary["objectives"]:  # with no run finished there is nothing to summarise: the error says why
+        write_json(out / "summary.json", summary)
     return summary
 
 
@@ -85,6 +85,8 @@ VERDICT_METRICS = {
     "worst_group_loss": ("worst-group loss", "worse worst group"),
     "alignment_tax": ("alignment tax (nats)", "higher mean held-out loss"),
     "mean_accuracy": ("mean accuracy", "more accurate"),
+    "learned": ("tasks reaching accuracy 0.9", "more tasks learned"),
+    "frequency_order": ("emergence in frequency order (Spearman)", "more strictly most-frequent-first"),
     "rank_correlation": ("task-curve rank correlation", "tasks more alike"),
     "accuracy_spread": ("across-task accuracy spread", "tasks further apart"),
     "composition_gap": ("composition gap", "composed skill further from P(X)·P(Y)"),
@@ -95,6 +97,8 @@ RUN_VALUES = {  # verdict metric -> its value in one run's summary (the tax is t
     "worst_group_loss": lambda s: s["worst_group_loss"],
     "alignment_tax": lambda s: s["mean_eval_loss"],
     "mean_accuracy": lambda s: s["mean_accuracy"],
+    "learned": lambda s: s["learned"],
+    "frequency_order": lambda s: s["frequency_order"]["rho"],
     "rank_correlation": lambda s: s["representativeness"]["rank_correlation"],
     "accuracy_spread": lambda s: s["representativeness"]["accuracy_spread"],
     "composition_gap": lambda s: s["composition_gap"],
@@ -177,6 +181,8 @@ def aggregate(out: Path, specs: list[tuple[str, int]]) -> dict:
             "width_excluded": sorted({t for _, s in runs for t in s["shape"]["excluded"]}),
             "mean_group_loss_cv": _mean_std([s["group_loss_spread"]["mean_cv"] for _, s in runs]),
             "worst_group_loss": _mean_std([s["worst_group_loss"] for _, s in runs]),
+            "learned": _mean_std([s["learned"] for _, s in runs]),
+            "frequency_order": _mean_std([s["frequency_order"]["rho"] for _, s in runs]),
             "rank_correlation": _mean_std([s["representativeness"]["rank_correlation"] for _, s in runs]),
             "alignment_tax": _mean_std([
                 s["mean_eval_loss"] - summaries[(BASELINE, seed)]["mean_eval_loss"]

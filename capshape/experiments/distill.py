@@ -42,13 +42,12 @@ from pydantic import Field
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
-from capshape.experiments.protocol import check_resumable
 from capshape.experiments.distill_hooks import Distiller, TriggerFreeGuard
 from capshape.experiments.distill_measure import measure
 from capshape.metrics import step_reaching
 from capshape.metrics.backdoor import defense_effectiveness
 from capshape.models import build_model
-from capshape.runstore import RunDir, exclusive, read_json, write_json
+from capshape.runstore import RunDir, output_directory, read_json, write_json
 from capshape.tasks import build_suite
 from capshape.tasks.backdoor import ATTACK, TriggerKind, TriggerParams
 from capshape.tasks.data import task_seed
@@ -238,10 +237,7 @@ def measure_all(config: DistillConfig, suite, models: dict[str, Path]) -> dict[s
 def run_distill(config: DistillConfig, out: Path, resume: bool = False,
                 log: Callable[[str], None] = lambda message: None) -> dict:
     check_distill_config(config)
-    out = Path(out)
-    check_resumable(out, config.model_dump(mode="json"), resume, "a distill experiment")
-    with exclusive(out):
-        write_json(out / "config.json", config.model_dump(mode="json"))
+    with output_directory(out, config.model_dump(mode="json"), resume, "a distill experiment") as out:
         started, per_seed = time.perf_counter(), {}
         for seed in config.seeds:
             stages = Stages(config, out / f"seed{seed}", seed, log)

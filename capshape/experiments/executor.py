@@ -5,8 +5,9 @@ or a cluster, ray_executor.py). Both go through `run_cells`, so they behave alik
 - a cell is a top-level function plus keyword arguments; it receives `on_progress(step, loss)`, which
   reports through a queue to this process, which draws one overall bar and one bar per running cell;
 - a failed cell is retried up to `retries` times, each retry with `retry_kwargs` merged into its
-  arguments (e.g. `resume=True`: continue from the failed attempt's last checkpoint); a cell that
-  fails every attempt is reported with its error, never silently dropped; the other cells go on;
+  arguments (e.g. `resume=True`: continue from the failed attempt's last checkpoint), unless its error
+  is deterministic (`deterministic`: a retry would repeat it); a cell that fails every attempt is
+  reported with its error, never silently dropped; the other cells go on;
 - results land where the cells write them (the run store under --out), whichever executor ran them.
 """
 from __future__ import annotations
@@ -72,6 +73,14 @@ def error_message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def deterministic(error: BaseException) -> bool:
+    """Would a retry fail the same way? Our own errors (config, data, a damaged checkpoint, divergence
+    from a fixed seed) and running out of memory do; a lost worker or node may not."""
+    text = str(error).lower()
+    return (isinstance(error, (CapshapeError, MemoryError, ValueError, TypeError))
+            or "out of memory" in text or "can't allocate memory" in text)
+
+
 class LocalExecutor:
     """`workers` spawned local processes; progress through a multiprocessing manager's queue."""
 
@@ -98,9 +107,9 @@ class LocalExecutor:
         except queue_module.Empty:
             return []
 
-    def finished(self, handles: list) -> list[tuple[object, Optional[str]]]:
-        """(handle, error message or None) for the handles whose cell has ended."""
-        return [(f, None if f.exception() is None else error_message(f.exception())) for f in handles if f.done()]
+    def finished(self, handles: list) -> list[tuple[object, Optional[BaseException]]]:
+        """(handle, its exception or None) for the handles whose cell has ended."""
+        return [(f, f.exception()) for f in handles if f.done()]
 
 
 def _progress() -> Progress:
@@ -139,13 +148,13 @@ def run_cells(cells: list[Cell], workers: int, show_progress: bool = True, execu
                 cell = pending.pop(handle)
                 if cell.name in bars:
                     progress.remove_task(bars.pop(cell.name))
-                if error is not None and attempts[cell.name] < retries:
+                if error is not None and attempts[cell.name] < retries and not deterministic(error):
                     attempts[cell.name] += 1
-                    progress.console.print(f"{cell.name} failed ({error}); retry {attempts[cell.name]} of {retries}")
+                    progress.console.print(f"{cell.name} failed ({error_message(error)}); retry {attempts[cell.name]} of {retries}")
                     retry = cell.retry()
                     pending[backend.submit(retry)] = retry
                     continue
                 if error is not None:
-                    failures[cell.name] = error
+                    failures[cell.name] = error_message(error)
                 progress.advance(overall)
     return failures

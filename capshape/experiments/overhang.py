@@ -38,14 +38,13 @@ from pydantic import Field
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import Cell, run_cells
-from capshape.experiments.protocol import check_resumable
 from capshape.metrics.stats import t_interval
 from capshape.experiments.unlearn import RoutingSection
 from capshape.experiments.unlearn_methods import FORGET, RETAIN
 from capshape.metrics import steps_to_fraction
 from capshape.models import build_model
 from capshape.routing import Routes, contract_mlp
-from capshape.runstore import RunDir, exclusive, read_json, run_name, write_json
+from capshape.runstore import RunDir, output_directory, read_json, run_name, write_json
 from capshape.tasks import TASKS, TOKENS
 from capshape.train import check_config, load_model, save_model, train_run
 
@@ -145,10 +144,7 @@ def phase2_cell(config: OverhangConfig, seed: int, init_from: Path, out: Path, o
 
 def run_overhang(config: OverhangConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     check_overhang_config(config)
-    with exclusive(out):
-        out = Path(out)
-        check_resumable(out, config.model_dump(mode="json"), resume, "an overhang experiment")
-        write_json(out / "config.json", config.model_dump(mode="json"))
+    with output_directory(out, config.model_dump(mode="json"), resume, "an overhang experiment") as out:
         o = config.overhang
         specs = [(regime, seed) for regime in o.regimes for seed in o.seeds]
         failures = run_cells([Cell(f"phase 1 {run_name(r, s)}", phase1_cell, o.phase1_steps,

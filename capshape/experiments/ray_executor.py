@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from capshape.errors import CapshapeError
-from capshape.experiments.executor import Cell, _Reporter, error_message
+from capshape.experiments.executor import Cell, _Reporter
 
 
 def _run_ray_cell(cell: Cell, progress_queue) -> object:
@@ -59,7 +59,7 @@ class RayExecutor:
             return []
         return [first, *self.queue.get_nowait_batch(self.queue.qsize())]
 
-    def finished(self, refs: list) -> list[tuple[object, Optional[str]]]:
+    def finished(self, refs: list) -> list[tuple[object, Optional[BaseException]]]:
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
         done = []
         for ref in ready:
@@ -67,7 +67,7 @@ class RayExecutor:
                 self.ray.get(ref)
                 done.append((ref, None))
             except self.ray.exceptions.RayTaskError as error:
-                done.append((ref, error_message(error.cause if error.cause is not None else error)))
+                done.append((ref, error.cause if error.cause is not None else error))
             except self.ray.exceptions.RayError as error:  # the worker died, the task was cancelled, ...
-                done.append((ref, error_message(error)))
+                done.append((ref, error))
         return done

@@ -35,10 +35,9 @@ from pydantic import Field
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import Cell, run_cells
-from capshape.experiments.protocol import check_resumable
 from capshape.experiments.transfer_proxy import AffinityProbe
 from capshape.experiments.transfer_stats import METRICS, from_json, metric_stats, rank_agreement, ranked_pairs
-from capshape.runstore import RunDir, read_json, write_json
+from capshape.runstore import RunDir, output_directory, read_json, write_json
 from capshape.models import build_model
 from capshape.tasks import TASKS, TOKENS
 from capshape.train import StepHooks, check_config, load_model, train_run
@@ -259,36 +258,34 @@ def cell_specs(config: TransferConfig) -> list[tuple[Optional[str], str, int]]:
 
 def run_transfer(config: TransferConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     check_transfer_config(config)
-    out, t = Path(out), config.transfer
-    check_resumable(out, stored_config(config), resume, "a transfer grid")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", stored_config(config))
-    failures: dict[str, str] = {}
-    wall: dict[str, float] = {}
+    t = config.transfer
+    with output_directory(out, stored_config(config), resume, "a transfer grid") as out:
+        failures: dict[str, str] = {}
+        wall: dict[str, float] = {}
 
-    def wave(name: str, cells: list[Cell]) -> None:
-        if cells:
-            started = time.perf_counter()
-            failures.update(run_cells(cells, config.workers, show_progress))
-            wall[name] = time.perf_counter() - started
+        def wave(name: str, cells: list[Cell]) -> None:
+            if cells:
+                started = time.perf_counter()
+                failures.update(run_cells(cells, config.workers, show_progress))
+                wall[name] = time.perf_counter() - started
 
-    if t.base is None and t.pretrain_tasks and not finished(out / "base"):
-        wave("base", [Cell("base", pretrain_cell, t.pretrain_steps, dict(config=config, out=out))])
-        if "base" in failures:
-            raise CapshapeError(f"pre-training the base failed: {failures['base']} (see {out / 'base'}).")
-    todo = [spec for spec in cell_specs(config) if not (cell_dir(out, *spec) / "cell.json").exists()]
-    first = [Cell(f"A {a} seed{seed}", stage_a_cell, t.steps_a, dict(config=config, task=a, seed=seed, out=out))
-             for a in t.tasks for seed in t.seeds
-             if any(spec[0] == a and spec[2] == seed for spec in todo) and not finished(stage_a_dir(out, a, seed))]
-    if t.proxy_steps and not (out / "proxy" / "proxy.json").exists():
-        first.append(Cell("proxy", proxy_cell, t.proxy_steps, dict(config=config, out=out)))
-    cells = {spec: Cell(f"{spec[0] or BASELINE}->{spec[1]} seed{spec[2]}", transfer_cell, t.steps_b,
-                        dict(config=config, a=spec[0], b=spec[1], seed=spec[2], out=out)) for spec in todo}
-    wave("stage_a_baselines_proxy", first + [cell for spec, cell in cells.items() if spec[0] is None])
-    wave("a_then_b", [cell for spec, cell in cells.items() if spec[0] is not None])
-    summary = summarize(config, out, failures, wall)
-    write_json(out / "summary.json", summary)
-    return summary
+        if t.base is None and t.pretrain_tasks and not finished(out / "base"):
+            wave("base", [Cell("base", pretrain_cell, t.pretrain_steps, dict(config=config, out=out))])
+            if "base" in failures:
+                raise CapshapeError(f"pre-training the base failed: {failures['base']} (see {out / 'base'}).")
+        todo = [spec for spec in cell_specs(config) if not (cell_dir(out, *spec) / "cell.json").exists()]
+        first = [Cell(f"A {a} seed{seed}", stage_a_cell, t.steps_a, dict(config=config, task=a, seed=seed, out=out))
+                 for a in t.tasks for seed in t.seeds
+                 if any(spec[0] == a and spec[2] == seed for spec in todo) and not finished(stage_a_dir(out, a, seed))]
+        if t.proxy_steps and not (out / "proxy" / "proxy.json").exists():
+            first.append(Cell("proxy", proxy_cell, t.proxy_steps, dict(config=config, out=out)))
+        cells = {spec: Cell(f"{spec[0] or BASELINE}->{spec[1]} seed{spec[2]}", transfer_cell, t.steps_b,
+                            dict(config=config, a=spec[0], b=spec[1], seed=spec[2], out=out)) for spec in todo}
+        wave("stage_a_baselines_proxy", first + [cell for spec, cell in cells.items() if spec[0] is None])
+        wave("a_then_b", [cell for spec, cell in cells.items() if spec[0] is not None])
+        summary = summarize(config, out, failures, wall)
+        write_json(out / "summary.json", summary)
+        return summary
 
 
 def summarize(config: TransferConfig, out: Path, failures: dict[str, str], wall: dict[str, float]) -> dict:

@@ -40,14 +40,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from capshape.config import ModelConfig, RunConfig, Section
 from capshape.errors import CapshapeError
-from capshape.experiments.protocol import check_resumable
 from capshape.experiments.digits_split import DigitsSplitSection, run_digits_split
 from capshape.experiments.relearn import run_relearning, steps_to_common_target
 from capshape.experiments.unlearn_methods import (FORGET, RETAIN, RMU, GradientAscentLosses, KeepBest, era_hooks,
                                                   filter_hooks)
 from capshape.models import build_model
 from capshape.routing import Expansion, Routes, contract_mlp, expand_mlp
-from capshape.runstore import exclusive, read_json, write_json
+from capshape.runstore import output_directory, read_json, write_json
 from capshape.tasks import TOKENS
 from capshape.train import StepHooks, check_config, evaluate, load_model, prepare_data, save_model, train_run
 
@@ -406,10 +405,7 @@ class Bars:
 
 def run_unlearn(config: UnlearnConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     check_unlearn_config(config)
-    out = Path(out)
-    check_resumable(out, config.model_dump(mode="json"), resume, "an unlearn run")
-    with exclusive(out):
-        write_json(out / "config.json", config.model_dump(mode="json"))
+    with output_directory(out, config.model_dump(mode="json"), resume, "an unlearn run") as out:
         started = time.perf_counter()
         bars = Bars(show_progress)
         with bars.progress:

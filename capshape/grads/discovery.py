@@ -19,7 +19,7 @@ from capshape.models import per_example_losses
 
 
 class DiscoveryOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     engine: Literal["exact", "gram", "sketch"] = Field(
         "exact", description="Per-example gradient Gram: exact (per-example gradients, any parameter), gram (exact, linear layers), "

@@ -16,8 +16,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from capshape.tasks.tokenizer import IGNORE
-
 
 def accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
     """Share of predictions equal to the answers (exact match)."""
@@ -48,16 +46,17 @@ def defense_effectiveness(asr_before: float, acc_before: float, asr_after: float
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1) / 2
 
 
-def target_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def target_margin(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Per example, how far the target wins: the smallest, over its labelled positions, of
     logit(target token) − the largest other logit. Positive iff (greedy) the model outputs the target.
 
-    logits [N, T, V] with labels [N, T] (IGNORE where none; teacher-forced on the target), or [N, V] with [N].
+    logits [N, T, V] with labels [N, T] (`ignore_index` where none, as tasks.tokenizer.IGNORE and torch's
+    cross-entropy; teacher-forced on the target), or [N, V] with [N].
     Returns [N].
     """
     if logits.dim() == 2:
         logits, labels = logits.unsqueeze(1), labels.unsqueeze(1)
-    mask = labels != IGNORE
+    mask = labels != ignore_index
     index = labels.clamp(min=0).unsqueeze(-1)
     chosen = logits.gather(-1, index).squeeze(-1)
     others = logits.scatter(-1, index, float("-inf")).amax(-1)

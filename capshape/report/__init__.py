@@ -98,7 +98,11 @@ class Experiment:
 def _load_run(path: Path) -> Run:
     summary = read_json(path / "summary.json")
     run = RunDir(path)
-    return Run(summary["objective"], summary["seed"], run.read_metrics(), summary, run.read_records("objective_records.jsonl"))
+    rows = run.read_metrics()
+    if not rows:
+        raise CapshapeError(f"{run.metrics_path} is missing or empty: this run's measurements are lost, so there is "
+                            f"nothing to report; train it again into a new --out.")
+    return Run(summary["objective"], summary["seed"], rows, summary, run.read_records("objective_records.jsonl"))
 
 
 def _single_value(value) -> dict:
@@ -140,10 +144,11 @@ def load_experiment(path: Path) -> Experiment:
                 for objective, stats in summary["objectives"].items() for seed in stats["seeds"]]
         failed = summary.get("failed") or {}
         if not runs:
-            raise CapshapeError(f"{path}: no run finished, so there is nothing to report "
-                                f"({len(failed)} failed); fix the cause and rerun with --resume.")
+            first = next(iter(failed.items()), None)
+            cause = f"; {first[0]} failed: {first[1]}" if first else ""
+            raise CapshapeError(f"{path}: no run finished, so there is nothing to report{cause}.")
         return Experiment(path, config, summary["objectives"], runs, failed, summary)
-    if "tasks" in summary and (path / "metrics.jsonl").exists():
+    if "tasks" in summary and "objective" in summary:
         run = _load_run(path)
         return Experiment(path, config, {run.objective: _single_run_stats(summary)}, [run], {}, {})
     raise CapshapeError(f"{path} is neither a run directory (metrics.jsonl and summary.json with 'tasks') nor a "

@@ -56,9 +56,10 @@ def tokenize(pairs: list[tuple[str, str]], max_len: int, task_name: str) -> Spli
     for row, (prompt, target) in enumerate(pairs):
         x, y = TOKENIZER.encode_pair(prompt, target)
         if len(x) > max_len:
+            shown = lambda text: repr(text) if len(text) <= 40 else repr(text[:40]) + f"... ({len(text)} characters)"
             raise CapshapeError(
-                f"Task '{task_name}': example {prompt!r} -> {target!r} needs {len(x)} tokens; "
-                f"raise model.max_len (now {max_len})."
+                f"Task '{task_name}': example {shown(prompt)} -> {shown(target)} needs {len(x)} tokens; "
+                f"raise model.max_len (now {max_len}) or shorten the example."
             )
         inputs[row, : len(x)] = torch.tensor(x)
         labels[row, : len(y)] = torch.tensor(y)

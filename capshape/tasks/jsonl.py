@@ -14,6 +14,7 @@ from capshape.tasks.base import FixedTask
 from capshape.tasks.tokenizer import TOKENIZER
 
 FIELDS = ("prompt", "target", "group")
+MAX_LINE = 100_000  # characters: far above any model.max_len, far below what would exhaust memory
 
 
 def load_jsonl_tasks(path: Path) -> list[FixedTask]:
@@ -25,6 +26,9 @@ def load_jsonl_tasks(path: Path) -> list[FixedTask]:
         if not line.strip():
             continue
         where = f"{path.name} line {number}"
+        if len(line) > MAX_LINE:
+            raise CapshapeError(f"{where} is {len(line):,} characters long (limit {MAX_LINE:,}): an example's prompt and "
+                                f"target must fit model.max_len tokens; shorten it.")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:

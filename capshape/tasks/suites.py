@@ -37,7 +37,7 @@ class SuiteData:
 
 
 class SuiteParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Suite:

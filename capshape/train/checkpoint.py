@@ -15,8 +15,9 @@ from capshape.runstore import write_atomic
 
 
 def save_checkpoint(path: Path, step: int, model, optimizer, objective, sampler, running: dict) -> None:
-    """`running`: the loop's running training statistics since the last evaluation, so that a resumed
-    run writes the same `train` row at its next evaluation as an uninterrupted one."""
+    """`running`: the loop's training statistics since the previous evaluation, up to `step` (before an
+    evaluation at `step` resets them), so that a resumed run writes the same `train` rows as an
+    uninterrupted one, including the row at `step` if a crash tore it."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     optim_state = optimizer.state_dict()
     for index, state in optim_state["state"].items():

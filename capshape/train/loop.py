@@ -28,10 +28,10 @@ from capshape.errors import CapshapeError
 from capshape.models import build_model, per_example_losses
 from capshape.objectives import Objective, Weighting, build_objective
 from capshape.provenance import provenance
-from capshape.runstore import RunDir, exclusive, read_json, write_json
+from capshape.runstore import RunDir, check_resumable, exclusive, read_json, write_json
 from capshape.tasks import Batch, MixtureSampler, SuiteData, build_suite, mixture_weights
 from capshape.tasks.suites import SUITES, parse_suite_params
-from capshape.train.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
+from capshape.train.checkpoint import load_checkpoint, load_model, read_tensors, save_checkpoint, save_model
 from capshape.train.evaluate import evaluate
 from capshape.train.parallel import autocast, data_parallel, resolve_device, shard_batch
 from capshape.train.summary import UNGROUPED, summarize_run
@@ -157,9 +157,13 @@ def _train_locked(config: RunConfig, objective_name: str, seed: int, run: RunDir
     previous = collectives.broadcast_object(run.status()["status"] if main else None)  # rank 0 decides for all
     if previous != "missing" and not resume:
         raise CapshapeError(f"{run.path} already holds a run ({previous}): pass --resume or choose another --out.")
+    config = single_run_config(config, objective_name, seed)
+    if main and previous != "missing":  # a resumed run continues only with what it trained with, from a sound checkpoint
+        check_resumable(run.path, config.model_dump(mode="json"), True, "a run")
+        if previous != "finished" and run.checkpoint_path.exists():
+            read_tensors(run.checkpoint_path)
     if previous == "finished":
         return read_json(run.path / "summary.json") if main else {}
-    config = single_run_config(config, objective_name, seed)
     if main:
         write_json(run.path / "config.json", config.model_dump(mode="json"))
         run.set_status("running", objective=objective_name, seed=seed)
@@ -190,16 +194,19 @@ def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: Run
     sampler = prepared.sampler(config, seed)
     start, running = 0, None
     main = collectives.is_main()
+    measured: set[int] = set()  # eval steps whose metrics row is stored
     if resume and run.checkpoint_path.exists():
         start, running = load_checkpoint(run.checkpoint_path, model, optimizer, objective, sampler)  # every rank reads it
         if main:
-            run.keep_metrics_until(start)
+            measured = run.keep_until(start)
     elif main:
         run.metrics_path.unlink(missing_ok=True)
+        for path in run.path.glob("*_records.jsonl"):
+            path.unlink()
     if main:  # one entry per process that trained a segment of the run: a resume may differ in threads or commit
         earlier = read_json(run.provenance_path) if start and run.provenance_path.exists() else []
         write_json(run.provenance_path, earlier + [{"from_step": start, **provenance(device)}])
-    _loop(config, run, model, objective, optimizer, sampler, prepared, start, running, on_progress, device,
+    _loop(config, run, model, objective, optimizer, sampler, prepared, start, running, measured, on_progress, device,
           hooks or StepHooks())
     if not main:
         return {}
@@ -211,6 +218,7 @@ def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: Run
         {d.task.name: prepared.group_names[g] for d, g in zip(data, prepared.group_of_task)},
         config.train.steps,
         {d.task.name: d.task.chance for d in data},
+        {d.task.name: float(p) for d, p in zip(sampler.data, sampler.data_mixture)},
     )
     summary = {"objective": objective_name, "seed": seed, **summary,
                "suite_metrics": SUITES.get(config.data.suite).summary_extras(rows),
@@ -255,8 +263,8 @@ def training_step(step: int, config: RunConfig, model, objective: Objective, opt
 
 
 def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer, sampler: MixtureSampler,
-          prepared: Prepared, start: int, running: Optional[dict], on_progress: Optional[ProgressFn], device: str,
-          hooks: StepHooks) -> None:
+          prepared: Prepared, start: int, running: Optional[dict], measured: set[int],
+          on_progress: Optional[ProgressFn], device: str, hooks: StepHooks) -> None:
     steps, train = config.train.steps, config.train
     totals = running or dict.fromkeys(("loss", "objective", "grad_norm", "count", "skipped"), 0.0)
     started = time.perf_counter()
@@ -264,8 +272,12 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
     net = data_parallel(model, device)
     main = collectives.is_main()  # under data parallelism only rank 0 evaluates and writes
     for step in range(start, steps + 1):
-        if main and (step > start or start == 0):  # a resumed run's row and checkpoint at `start` are already stored
-            if step % train.eval_every == 0 or step == steps:
+        if main:
+            since_eval = totals  # what the checkpoint keeps, so that a torn row at its step can be re-measured
+            evaluating = step % train.eval_every == 0 or step == steps
+            if evaluating and step == start and step in measured:  # resumed: this step's row is stored
+                totals = dict.fromkeys(totals, 0.0)
+            elif evaluating:
                 results = evaluate(model, prepared.data, device)
                 if not all(math.isfinite(v) for task in results.values() for v in task.values()):
                     raise CapshapeError(f"Non-finite held-out metrics at step {step}: the model diverged; lower train.lr "
@@ -275,9 +287,10 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
                     row["train"] = {k: totals[k] / totals["count"] for k in ("loss", "objective", "grad_norm")}
                     row["train"].update(lr=learning_rate(step - 1, config), skipped_steps=totals["skipped"])
                 run.append_metrics(row)
+                run.heartbeat(step)
                 totals = dict.fromkeys(totals, 0.0)
             if step > start and (step % train.checkpoint_every == 0 or step == steps):
-                save_checkpoint(run.checkpoint_path, step, model, optimizer, objective, sampler, totals)
+                save_checkpoint(run.checkpoint_path, step, model, optimizer, objective, sampler, since_eval)
             if train.snapshot_every and step % train.snapshot_every == 0:
                 save_model(run.snapshot_path(step), model)
         if step == steps:

@@ -50,10 +50,24 @@ def shape_averages(tasks: dict[str, dict], names: list[str]) -> dict:
     return {**averages, "tasks": kept, "excluded": [t for t in names if t not in kept], "level": LEVELS[0]}
 
 
+def frequency_order(tasks: dict[str, dict], frequency: dict[str, float]) -> dict:
+    """Are capabilities learned in the order of their frequency in the data (Michaud et al. 2023)?
+    Spearman correlation between −frequency and the first step reaching accuracy 0.5, over the trained
+    tasks that reach it: +1 = strictly most frequent first. None with fewer than 3 such tasks or equal
+    frequencies."""
+    reached = [t for t in frequency if tasks[t]["levels"]["0.5"] is not None]
+    if len(reached) < 3 or len({frequency[t] for t in reached}) < 2:
+        return {"rho": None, "tasks": len(reached)}
+    rho = stats.spearmanr([-frequency[t] for t in reached], [tasks[t]["levels"]["0.5"] for t in reached]).statistic
+    return {"rho": None if math.isnan(rho) else float(rho), "tasks": len(reached)}
+
+
 def summarize_run(rows: list[dict], task_groups: dict[str, str], task_parts: dict[str, tuple],
-                  group_of_task: dict[str, str], total_steps: int, chance: dict[str, float] | None = None) -> dict:
+                  group_of_task: dict[str, str], total_steps: int, chance: dict[str, float] | None = None,
+                  frequency: dict[str, float] | None = None) -> dict:
     """`task_groups`: task -> its capability label; `group_of_task`: task -> training group;
-    `chance`: task -> accuracy of guessing (default 0)."""
+    `chance`: task -> accuracy of guessing (default 0); `frequency`: trained task -> its probability
+    in the data mixture."""
     chance = chance or {}
     steps = [row["step"] for row in rows]
     curve = lambda task, key: [row["eval"][task][key] for row in rows]
@@ -83,6 +97,8 @@ def summarize_run(rows: list[dict], task_groups: dict[str, str], task_parts: dic
         "worst_group_loss": float(group_losses[-1].max()),
         "group_loss_spread": {"groups": groups, **group_loss_spread(group_losses)},
         "shape": shape_averages(tasks, names),
+        "learned": sum(tasks[t]["levels"][str(LEVELS[-1])] is not None for t in names),
+        "frequency_order": frequency_order(tasks, frequency or {}),
         **({"shape_ungrouped": shape_averages(tasks, ungrouped)} if ungrouped else {}),
         "representativeness": representativeness(np.array([curve(t, "accuracy") for t in names]).T,
                                                   np.array([curve(t, "loss") for t in names]).T),

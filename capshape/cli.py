@@ -238,6 +238,8 @@ def train_ddp(
 
     run_config = single_run_config(load_config(config, set_ or []), objective, seed)
     check_config(run_config)
+    if resume and not (out / "config.json").exists():
+        raise CapshapeError(f"--resume: {out} holds no run to resume: drop --resume to start one there.")
     device = init_distributed(device)
     preflight(run_config, device)
     ranks = collectives.world_size()

@@ -131,7 +131,10 @@ def _alive(pid: Any) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    try:  # an orphan that exited but was never reaped is a zombie: gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class RunDir:

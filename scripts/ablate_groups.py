@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from capshape.experiments.groups import held_out_examples, load_run_model
-from capshape.metrics.stats import t_interval
 from capshape.grads.discovery import DiscoveryOptions, cluster_gram, example_losses
 from capshape.grads.gram import example_gram
+from capshape.metrics.stats import t_interval
 
 VARIANTS: dict[str, dict] = {
     "default": {},

@@ -91,6 +91,8 @@ def test_out_that_cannot_be_a_directory(tmp_path, config):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o555)
         fails_in_one_line(["run", str(config), "--out", str(locked / "out")], "cannot write there")
+    if Path("/sys/kernel").is_dir():  # sysfs refuses new directories, even to root
+        fails_in_one_line(["run", str(config), "--out", "/sys/capshape-out"], "cannot write there")
     assert a_file.read_text() == "not a directory"
 
 
@@ -168,3 +170,17 @@ def test_runs_shows_interrupted_live_step_and_unreadable_entries(tmp_path, tiny_
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
     assert "interrupted" in rows["killed"] and "running" in rows["live"] and "40" in rows["live"]
     assert "unreadable" in rows["damaged"]
+
+
+def test_the_resolved_thread_count_is_recorded(tmp_path, tiny_config):
+    import torch
+
+    from capshape.train import train_run
+
+    before = torch.get_num_threads()
+    try:
+        config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"threads": 0, "steps": 4})})
+        summary = train_run(config, "mean", 0, tmp_path / "run")
+    finally:
+        torch.set_num_threads(before)
+    assert summary["provenance"][0]["threads"] == max(1, (os.cpu_count() or 1) // config.workers)

@@ -14,6 +14,7 @@ from capshape.metrics import (
     emergence_metrics,
     group_loss_spread,
     logistic_fit,
+    step_reaching,
     steps_to_fraction,
     token_edit_distance,
 )
@@ -117,3 +118,9 @@ def test_token_edit_distance():
     assert token_edit_distance("", "") == 0
     assert token_edit_distance("", "abc") == 3
     assert token_edit_distance([1, 2], []) == 2
+
+
+def test_step_reaching_an_absolute_level():
+    assert step_reaching([0, 10, 20], [0.0, 0.4, 0.9], 0.5) == 20
+    assert step_reaching([0, 10, 20], [0.0, 0.4, 0.9], 0.0) == 0
+    assert step_reaching([0, 10], [0.0, 0.1], 0.5) is None

@@ -7,8 +7,7 @@ from typer.testing import CliRunner
 from capshape.cli import app
 from capshape.config import build_config
 from capshape.errors import CapshapeError
-from capshape.experiments.overhang import (OverhangConfig, check_overhang_config, phase1_config, steps_to_threshold,
-                                          summarize)
+from capshape.experiments.overhang import OverhangConfig, check_overhang_config, phase1_config, summarize
 from capshape.runstore import RunDir, write_json
 from capshape.train import read_tensors
 from helpers import TINY_MODEL
@@ -58,11 +57,6 @@ def test_regimes_train_on_what_they_say():
 def test_bad_overhang_configs(raw, message):
     with pytest.raises(CapshapeError, match=message):
         check_overhang_config(build_config(raw, schema=OverhangConfig))
-
-
-def test_steps_to_threshold():
-    assert steps_to_threshold([0, 10, 20], [0.0, 0.4, 0.9], 0.5) == 20
-    assert steps_to_threshold([0, 10], [0.0, 0.1], 0.5) is None
 
 
 def test_overhang_cli_end_to_end(tmp_path):

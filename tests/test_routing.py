@@ -277,11 +277,8 @@ def test_keep_best_loads_the_state_with_the_lowest_retain_loss(tiny_config):
 
 # ---- relearning bookkeeping ----------------------------------------------------------------------
 
-def test_steps_to_reach_and_the_summary_over_seeds():
+def test_the_relearning_summary_over_seeds():
     curve = {"steps": [0, 1, 2, 3], "loss": [3.0, 2.0, 1.0, 1.5], "accuracy": [0.0, 0.1, 0.3, 0.2]}
-    assert relearn_module.steps_to_reach(curve, 0.25) == 2
-    assert relearn_module.steps_to_reach(curve, 0.0) == 0
-    assert relearn_module.steps_to_reach(curve, 0.5) is None
     runs = [{"curve": curve, "min_loss": 1.0, "steps_to_recover": 2}, {"curve": curve, "min_loss": 2.0, "steps_to_recover": None}]
     summary = relearn_module.summarize_runs(runs)
     assert summary["min_loss"] == 1.5 and summary["recovered"] == 1 and summary["runs"] == 2

@@ -53,6 +53,7 @@ from capshape.tasks.backdoor import ATTACK, TriggerKind, TriggerParams
 from capshape.tasks.data import task_seed
 from capshape.train import StepHooks, check_config, load_model, save_model, train_run
 from capshape.train.loop import cross_entropy_losses
+from capshape.train.preflight import preflight
 
 Init = Literal["fresh", "teacher_init", "teacher_weights"]
 BACKDOORED, FINETUNE, CLEAN = "backdoored", "finetune", "clean"
@@ -237,6 +238,7 @@ def measure_all(config: DistillConfig, suite, models: dict[str, Path]) -> dict[s
 def run_distill(config: DistillConfig, out: Path, resume: bool = False,
                 log: Callable[[str], None] = lambda message: None) -> dict:
     check_distill_config(config)
+    preflight(config)
     with output_directory(out, config.model_dump(mode="json"), resume, "a distill experiment") as out:
         started, per_seed = time.perf_counter(), {}
         for seed in config.seeds:

@@ -29,7 +29,7 @@ Every run goes through `train_run`; finished runs are reused on `--resume`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,15 +38,16 @@ from pydantic import Field
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import Cell, run_cells
-from capshape.metrics.stats import t_interval
 from capshape.experiments.unlearn import RoutingSection
 from capshape.experiments.unlearn_methods import FORGET, RETAIN
-from capshape.metrics import steps_to_fraction
+from capshape.metrics import step_reaching, steps_to_fraction
+from capshape.metrics.stats import t_interval
 from capshape.models import build_model
 from capshape.routing import Routes, contract_mlp
 from capshape.runstore import RunDir, output_directory, read_json, run_name, write_json
 from capshape.tasks import TASKS, TOKENS
 from capshape.train import check_config, load_model, save_model, train_run
+from capshape.train.preflight import preflight
 
 Regime = Literal["mean_zipf", "grouped_zipf", "uniform", "routed_ablated", "never_trained"]
 REFERENCE, ROUTED = "never_trained", "routed_ablated"
@@ -144,6 +145,7 @@ def phase2_cell(config: OverhangConfig, seed: int, init_from: Path, out: Path, o
 
 def run_overhang(config: OverhangConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     check_overhang_config(config)
+    preflight(config)
     with output_directory(out, config.model_dump(mode="json"), resume, "an overhang experiment") as out:
         o = config.overhang
         specs = [(regime, seed) for regime in o.regimes for seed in o.seeds]
@@ -165,11 +167,6 @@ def run_overhang(config: OverhangConfig, out: Path, resume: bool = False, show_p
 def target_curve(run: Path, target: str) -> tuple[list[int], list[float]]:
     rows = RunDir(run).read_metrics()
     return [row["step"] for row in rows], [row["eval"][target]["accuracy"] for row in rows]
-
-
-def steps_to_threshold(steps: list[int], accuracy: list[float], threshold: float) -> Optional[int]:
-    """First evaluated step with accuracy >= threshold; None if never within phase 2."""
-    return next((step for step, value in zip(steps, accuracy) if value >= threshold), None)
 
 
 def composition_sharpness(run: Path) -> dict[str, dict]:
@@ -201,7 +198,7 @@ def summarize(config: OverhangConfig, out: Path) -> dict:
             if RunDir(phase2).status()["status"] != "finished":
                 continue
             steps, accuracy = target_curve(phase2, o.target)
-            reached = steps_to_threshold(steps, accuracy, o.threshold)
+            reached = step_reaching(steps, accuracy, o.threshold)
             per_run.setdefault(regime, {})[seed] = {
                 "phase1_target_accuracy": read_json(phase1 / "summary.json")["tasks"][o.target]["final_eval"]["accuracy"],
                 "phase2_start_accuracy": accuracy[0],

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from capshape.config import RunConfig
+from capshape.metrics import step_reaching
 from capshape.runstore import RunDir
 from capshape.train import evaluate, prepare_data, train_run
 
@@ -42,11 +43,6 @@ def forget_curve(rows: list[dict], forget: list[str]) -> dict:
             "accuracy": [mean(row, "accuracy") for row in rows]}
 
 
-def steps_to_reach(curve: dict, target: float) -> Optional[int]:
-    """The first step whose accuracy is at least `target`; None if none is."""
-    return next((step for step, acc in zip(curve["steps"], curve["accuracy"]) if acc >= target), None)
-
-
 def summarize_runs(runs: list[dict]) -> dict:
     """Over seeds: the mean minimum loss and the recovery steps (None where a seed never recovered)."""
     steps = [run["steps_to_recover"] for run in runs]
@@ -61,7 +57,7 @@ def summarize_runs(runs: list[dict]) -> dict:
 def steps_to_common_target(attack: dict, targets: dict, recover: float = 1.0) -> dict[str, list]:
     """Per size: each seed's steps to reach `recover` × `targets[seed]["accuracy"]` (e.g. the plain model's,
     a target shared by every method), from the stored curves."""
-    return {n: [steps_to_reach(run["curve"], recover * targets[str(run["seed"])]["accuracy"]) for run in stats["per_seed"]]
+    return {n: [step_reaching(run["curve"]["steps"], run["curve"]["accuracy"], recover * targets[str(run["seed"])]["accuracy"]) for run in stats["per_seed"]]
             for n, stats in attack["by_size"].items()}
 
 
@@ -91,7 +87,7 @@ def run_relearning(base: RunConfig, forget: list[str], model_path: Path, referen
             curve = forget_curve(RunDir(path).read_metrics(), forget)
             target = recover * references[seed]["accuracy"]
             runs.append({"seed": seed, "curve": curve, "min_loss": min(curve["loss"]), "target_accuracy": target,
-                         "steps_to_recover": steps_to_reach(curve, target)})
+                         "steps_to_recover": step_reaching(curve["steps"], curve["accuracy"], target)})
         by_size[str(n)] = {**summarize_runs(runs), "per_seed": runs}
     return {"sizes": sizes, "seeds": seeds, "steps": steps, "reference": {str(s): r for s, r in references.items()},
             "by_size": by_size}

@@ -41,6 +41,7 @@ from capshape.runstore import RunDir, output_directory, read_json, write_json
 from capshape.models import build_model
 from capshape.tasks import TASKS, TOKENS
 from capshape.train import StepHooks, check_config, load_model, train_run
+from capshape.train.preflight import preflight
 
 BASELINE = "none"  # the source-task label of B-only cells in directory names
 
@@ -258,6 +259,7 @@ def cell_specs(config: TransferConfig) -> list[tuple[Optional[str], str, int]]:
 
 def run_transfer(config: TransferConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     check_transfer_config(config)
+    preflight(config)
     t = config.transfer
     with output_directory(out, stored_config(config), resume, "a transfer grid") as out:
         failures: dict[str, str] = {}

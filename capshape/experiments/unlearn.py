@@ -49,6 +49,7 @@ from capshape.routing import Expansion, Routes, contract_mlp, expand_mlp
 from capshape.runstore import output_directory, read_json, write_json
 from capshape.tasks import TOKENS
 from capshape.train import StepHooks, check_config, evaluate, load_model, prepare_data, save_model, train_run
+from capshape.train.preflight import preflight
 
 METHODS = ("plain", "filter", "era", "gradient_ascent", "rmu")
 Method = Literal["filter", "era", "gradient_ascent", "rmu"]
@@ -405,6 +406,7 @@ class Bars:
 
 def run_unlearn(config: UnlearnConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     check_unlearn_config(config)
+    preflight(config)
     with output_directory(out, config.model_dump(mode="json"), resume, "an unlearn run") as out:
         started = time.perf_counter()
         bars = Bars(show_progress)

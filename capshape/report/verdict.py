@@ -43,7 +43,8 @@ def verdict(summary: dict) -> Verdict | None:
     if not comparison:
         return None
     objectives = list(comparison)
-    metrics = [m for m in summary["verdict_metrics"] if any(m in comparison[o] for o in objectives)]
+    metrics = [m for m in summary["verdict_metrics"]  # a metric undefined everywhere (no composed task) is left out
+               if any((comparison[o].get(m) or {}).get("diff") is not None for o in objectives)]
     seeds = max(stat["n"] for o in objectives for stat in comparison[o].values())
     rows = [(summary["verdict_metrics"][m]["label"], summary["verdict_metrics"][m]["positive"],
              [cell(comparison[o].get(m), seeds) for o in objectives]) for m in metrics]

@@ -44,6 +44,14 @@ def group_means(per_example_losses: torch.Tensor, group_ids: torch.Tensor, num_g
     return sums / counts.clamp(min=1), counts
 
 
+def moving_average(previous: torch.Tensor, means: torch.Tensor, present: torch.Tensor, beta: float) -> torch.Tensor:
+    """ℓ̄_g ← β ℓ̄_g + (1 − β) ℓ_g for the groups present in the batch; a group's first value (NaN before)
+    is its first batch mean, and absent groups keep theirs."""
+    means = means.to(previous)
+    updated = torch.where(previous.isnan(), means, beta * previous + (1 - beta) * means)
+    return torch.where(present.to(previous.device), updated, previous)
+
+
 class Objective:
     """Subclasses set `Params` and implement `weigh`; stateful ones also (load_)state_dict."""
 

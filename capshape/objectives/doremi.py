@@ -16,7 +16,7 @@ reference model can do. α and the averages persist across steps (and checkpoint
 import torch
 from pydantic import Field
 
-from capshape.objectives.base import OBJECTIVES, Objective, Params, Weighting, group_means
+from capshape.objectives.base import OBJECTIVES, Objective, Params, Weighting, group_means, moving_average
 
 
 class DoReMiParams(Params):
@@ -38,10 +38,8 @@ class DoReMi(Objective):
     def weigh(self, per_example_losses: torch.Tensor, group_ids: torch.Tensor) -> Weighting:
         means, counts = group_means(per_example_losses, group_ids, self.num_groups)
         present = counts > 0
-        host_means, host_present = means.detach().cpu().float(), present.cpu()
-        previous = self.average_loss
-        updated = torch.where(previous.isnan(), host_means, self.params.beta * previous + (1 - self.params.beta) * host_means)
-        self.average_loss = torch.where(host_present, updated, previous)
+        host_present = present.cpu()
+        self.average_loss = moving_average(self.average_loss, means.detach().cpu(), host_present, self.params.beta)
         excess = torch.where(host_present, (self.average_loss - self.reference).clamp(min=0).nan_to_num(0.0, posinf=0.0), 0.0)
         self.reference = torch.where(host_present, torch.minimum(self.reference, self.average_loss), self.reference)
         log_alpha = self.alpha.log() + self.params.eta * excess

@@ -11,7 +11,7 @@ most-behind group seen. Before the first batch the draw is uniform over groups.
 import torch
 from pydantic import Field
 
-from capshape.objectives.base import OBJECTIVES, Params, Weighting, group_means
+from capshape.objectives.base import OBJECTIVES, Params, Weighting, group_means, moving_average
 from capshape.objectives.mean import Mean
 from capshape.objectives.stratified import per_task
 
@@ -31,10 +31,7 @@ class LossProportional(Mean):
 
     def weigh(self, per_example_losses: torch.Tensor, group_ids: torch.Tensor) -> Weighting:
         means, counts = group_means(per_example_losses, group_ids, self.num_groups)
-        means, present = means.detach().cpu().double(), (counts > 0).cpu()
-        previous = self.average_loss
-        updated = torch.where(previous.isnan(), means, self.params.beta * previous + (1 - self.params.beta) * means)
-        self.average_loss = torch.where(present, updated, previous)
+        self.average_loss = moving_average(self.average_loss, means.detach().cpu(), counts > 0, self.params.beta)
         weighting = super().weigh(per_example_losses, group_ids)
         weighting.stats["loss_spread"] = float(self.average_loss.nan_to_num(0).max() - self.average_loss.nan_to_num(0).min())
         return weighting

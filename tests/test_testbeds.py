@@ -16,6 +16,7 @@ from capshape.tasks import FixedTask, InputSpec, TOKENIZER, build_task_data
 from capshape.tasks.grokking import GrokkingParams, split_pairs
 from capshape.tasks.icl import ICLParams, World, bursty, episodes
 from capshape.tasks.sparse_parity import SparseParityParams, subtask_bits
+from capshape.tasks.suites import SUITES
 from capshape.tasks.tokenizer import IGNORE
 from capshape.train import check_config, evaluate
 from capshape.train.loop import prepare_data
@@ -98,30 +99,65 @@ def test_sparse_parity_runs_through_the_real_cli(tmp_path):
 
 # --- grokking --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("operation, symbol", [("add", "+"), ("sub", "-"), ("mul", "*")])
-def test_grokking_split_covers_every_pair_once(operation, symbol):
-    params = GrokkingParams(p=11, train_fraction=0.3, operation=operation)
-    train, val = split_pairs(params, 0)
+@pytest.mark.parametrize("operation", ["add", "sub", "mul", "square_sum", "cube_sum"])
+def test_grokking_split_covers_every_pair_once(operation):
+    params = GrokkingParams(p=11, train_fraction=0.3, operations=[operation])
+    train, val = split_pairs(params, operation, 0)
     assert len(train) == round(0.3 * 121) and len(train) + len(val) == 121
-    prompts = [prompt for prompt, _ in train + val]
-    assert sorted(prompts) == sorted(f"{a:02d}{symbol}{b:02d}" for a in range(11) for b in range(11))
-    apply = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b}[operation]
-    for prompt, target in train + val:
-        a, b = map(int, prompt.split(symbol))
-        assert target == f"{apply(a, b) % 11:02d}"
-    assert split_pairs(params, 0) == (train, val) and split_pairs(params, 1) != (train, val)
+    assert sorted((a, b) for a, b, _ in train + val) == [(a, b) for a in range(11) for b in range(11)]
+    apply = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+             "square_sum": lambda a, b: a * a + b * b, "cube_sum": lambda a, b: a ** 3 + b ** 3}[operation]
+    assert all(c == apply(a, b) % 11 for a, b, c in train + val)
+    assert split_pairs(params, operation, 0) == (train, val) and split_pairs(params, operation, 1) != (train, val)
 
 
-def test_grokking_suite_evaluates_validation_and_training_pairs():
-    config = build_config({"data": {"suite": "grokking", "suite_params": {"p": 13}}, "model": {"max_len": 9}})
+def test_grokking_symbols_one_token_per_residue_and_one_split_per_operation():
+    config = build_config({"data": {"suite": "grokking", "group_by": "group",
+                                    "suite_params": {"p": 13, "operations": ["add", "mul"]}}, "model": {"max_len": 4}})
     prepared = prepare_data(config, 0)
-    (val_task, train_task), trained = prepared.data, prepared.suite.trained
-    assert [val_task.task.name, train_task.task.name] == ["grok_val", "grok_train"] and trained == [True, False]
-    assert len(val_task.train.prompts) == round(0.5 * 169) and len(val_task.held_out.prompts) == 169 - 84
-    assert not set(val_task.train.prompts) & set(val_task.held_out.prompts)
-    assert train_task.held_out.prompts == val_task.train.prompts  # training accuracy, measured on held_out
+    names = [d.task.name for d in prepared.data]
+    assert names == ["mod_add", "mod_add_train", "mod_mul", "mod_mul_train"]
+    assert prepared.suite.trained == [True, False, True, False] and prepared.group_names == ["mod_add", "mod_mul"]
+    assert prepared.suite.input_spec.vocab_size == 13 + 5 + 1  # residues, the five operation tokens, "="
+    add, add_train, mul, _ = prepared.data
+    assert add.train.inputs.shape == (round(0.5 * 169), 4) and len(add.held_out.inputs) == 169 - 84
+    assert (add.train.labels[:, :3] == -100).all() and add.train.labels[:, 3].tolist() == [int(t) for t in add.train.targets]
+    for row, (prompt, target) in zip(add.train.inputs.tolist(), zip(add.train.prompts, add.train.targets)):
+        a, b = map(int, prompt.split("+"))
+        assert row == [a, 13, b, 18] and int(target) == (a + b) % 13
+    assert not set(add.train.prompts) & set(add.held_out.prompts)
+    assert add_train.held_out.prompts == add.train.prompts  # training accuracy, measured on held_out
+    assert [p.replace("*", "+") for p in mul.train.prompts] != add.train.prompts  # each operation its own split
+    with pytest.raises(CapshapeError, match="model.max_len >= 4"):
+        prepare_data(build_config({"data": {"suite": "grokking"}, "model": {"max_len": 3}}), 0)
     with pytest.raises(CapshapeError, match="model.max_len"):
-        prepare_data(build_config({"data": {"suite": "grokking"}, "model": {"max_len": 6}}), 0)
+        prepare_data(build_config({"data": {"suite": "grokking", "suite_params": {"format": "digits"}},
+                                   "model": {"max_len": 6}}), 0)
+
+
+def test_symbol_answers_are_scored_from_the_answer_token():
+    config = build_config({"data": {"suite": "grokking", "suite_params": {"p": 7}}, "model": {"max_len": 4}})
+    data = prepare_data(config, 0).data
+
+    class Oracle(torch.nn.Module):  # logits whose argmax at the answer position is (a + b) mod 7
+        def forward(self, tokens):
+            logits = torch.zeros(*tokens.shape, 13)
+            logits[:, -1].scatter_(1, ((tokens[:, 0] + tokens[:, 2]) % 7)[:, None], 5.0)
+            return logits
+
+    results = evaluate(Oracle(), data, "cpu")
+    assert results["mod_add"]["accuracy"] == 1.0 and results["mod_add_train"]["accuracy"] == 1.0
+
+
+def test_grokking_summary_per_operation_and_for_the_suite():
+    rows = [{"step": s, "eval": {"mod_add": {"accuracy": v}, "mod_add_train": {"accuracy": t},
+                                  "mod_mul": {"accuracy": w}, "mod_mul_train": {"accuracy": u}}}
+            for s, v, t, w, u in [(0, 0.0, 0.0, 0.0, 0.0), (100, 0.2, 1.0, 0.0, 0.5), (200, 1.0, 1.0, 0.3, 1.0),
+                                  (300, 1.0, 1.0, 1.0, 1.0)]]
+    grokking = SUITES.get("grokking").summary_extras(rows)["grokking"]
+    assert grokking["operations"]["mod_add"] == {"train_step": 100, "val_step": 200, "delay": 100, "ratio": 2.0}
+    assert grokking["operations"]["mod_mul"] == {"train_step": 200, "val_step": 300, "delay": 100, "ratio": 1.5}
+    assert (grokking["train_step"], grokking["val_step"], grokking["delay"]) == (200, 300, 100)
 
 
 def test_grokking_delay_on_hand_made_curves():
@@ -308,12 +344,49 @@ def test_sparse_parity_config_end_to_end(tmp_path):
 def test_grokking_config_end_to_end(tmp_path):
     summary, runs = _run(tmp_path, "grokking.toml", "data.suite_params.p=23", "train.batch_size=64")
     grokking = runs["mean-seed0"]["suite_metrics"]["grokking"]
-    assert set(grokking) == {"level", "train_step", "val_step", "delay"}
-    assert set(runs["mean-seed0"]["tasks"]) == {"grok_val", "grok_train"}
-    assert "edit_distance" in runs["mean-seed0"]["tasks"]["grok_val"]["final_eval"]
+    assert set(grokking) == {"level", "train_step", "val_step", "delay", "ratio", "operations"}
+    assert set(runs["mean-seed0"]["tasks"]) == {"mod_add", "mod_add_train"}
+    assert "edit_distance" in runs["mean-seed0"]["tasks"]["mod_add"]["final_eval"]
 
 
 @pytest.mark.slow
 def test_icl_config_end_to_end(tmp_path):
     summary, runs = _run(tmp_path, "icl.toml", "data.train_examples=500", "data.eval_examples=64")
     assert set(summary["objectives"]["mean"]["tasks"]) == {"icl_train", "icl_in_context", "icl_in_weights"}
+
+
+def test_multi_operation_grokking_run_reports_operations_and_progress_measures(tmp_path):
+    config = tmp_path / "grok.toml"
+    config.write_text("""
+seeds = [0, 1]
+objectives = ["mean", "grouped"]
+[data]
+suite = "grokking"
+suite_params = { p = 7, train_fraction = 0.5, operations = ["add", "mul"] }
+group_by = "group"
+[model]
+n_layer = 1
+n_head = 2
+d_model = 16
+d_mlp = 32
+max_len = 4
+[train]
+steps = 20
+batch_size = 16
+lr = 0.01
+eval_every = 10
+threads = 1
+""")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(config), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "grouped-seed0" / "summary.json").read_text())
+    assert set(run["suite_metrics"]["grokking"]["operations"]) == {"mod_add", "mod_mul"}
+    assert run["group_loss_spread"]["groups"] == ["mod_add", "mod_mul"]
+    rows = [json.loads(line) for line in (out / "grouped-seed0" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["probes"]["weight_norm"] > 0 and 0 < row["probes"]["embedding_fourier_top5"] <= 1
+    page = (out / "report.html").read_text()
+    assert "<h2>Grokking per operation</h2>" in page and "<h2>Progress measures</h2>" in page
+    grokking = page[page.index("<h2>Grokking per operation</h2>"):page.index("<h2>Progress measures</h2>")]
+    assert grokking.count("<tr><td>mod_mul</td>") == 2  # one row per objective

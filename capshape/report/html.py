@@ -9,6 +9,7 @@ import json
 from html import escape
 from typing import TYPE_CHECKING
 
+from capshape.metrics.stats import paired_difference, t_interval
 from capshape.report.verdict import number, verdict
 
 if TYPE_CHECKING:
@@ -120,6 +121,38 @@ def emergence_table(experiment: Experiment) -> str:
             "that reach it); — = undefined.</p>")
 
 
+def interval_text(stat: dict) -> str:
+    """`mean [low, high]` of a t-interval, or the mean alone (one value), or — (none)."""
+    if stat["mean"] is None:
+        return "—"
+    return number(stat["mean"]) + (f" [{number(stat['low'])}, {number(stat['high'])}]" if stat["low"] is not None else "")
+
+
+def grokking_table(experiment: Experiment) -> str:
+    """Per operation and objective: the steps at which training and validation accuracy reach 99 %, the
+    delay and its ratio (mean and 95 % t-interval over the seeds that reached both), and the validation
+    step paired against `mean` with the same seed."""
+    records = {(run.objective, run.seed): run.summary["suite_metrics"]["grokking"]["operations"] for run in experiment.runs
+               if "grokking" in run.summary.get("suite_metrics", {})}
+    operations = list(dict.fromkeys(op for ops in records.values() for op in ops))
+    keys = {"train_step": "train 99 % at", "val_step": "validation 99 % at", "delay": "delay (steps)", "ratio": "val / train"}
+    heading = "".join(f"<th>{escape(title)}</th>" for title in keys.values())
+    body = ""
+    for op in operations:
+        for objective in experiment.objectives:
+            seeds = [seed for (o, seed) in records if o == objective]
+            values = lambda key: [records[(objective, s)][op][key] for s in seeds if records[(objective, s)][op][key] is not None]
+            cells = "".join(f"<td>{interval_text(t_interval(values(key)))} ({len(values(key))}/{len(seeds)})</td>" for key in keys)
+            paired = paired_difference([(records[(objective, s)][op]["val_step"], records[("mean", s)][op]["val_step"])
+                                        for s in seeds if ("mean", s) in records])
+            versus = "—" if objective == "mean" or paired["diff"] is None else (
+                number(paired["diff"]) + (f" [{number(paired['low'])}, {number(paired['high'])}]" if paired["low"] is not None else ""))
+            body += f"<tr><td>{escape(op)}</td><td>{escape(objective)}</td>{cells}<td>{escape(versus)}</td></tr>"
+    return (f"<table><tr><th>operation</th><th>objective</th>{heading}<th>validation step − mean's</th></tr>{body}</table>"
+            "<p>Mean over seeds with its 95 % t-interval, and in brackets after it how many seeds reached the level; "
+            "the last column pairs each seed with <code>mean</code> trained from the same seed.</p>")
+
+
 def objective_table(experiment: Experiment) -> str:
     keys = {"mean held-out loss": "mean_eval_loss", "mean accuracy": "mean_accuracy", "alignment tax": "alignment_tax"}
     heading = "".join(f"<th>{escape(title)}</th>" for title in keys)
@@ -177,5 +210,14 @@ def render_page(experiment: Experiment, images: dict[str, bytes]) -> str:
             "directions, and, at the last regrouping, the k criterion curve and the singular values.</p>",
             image(images, "regrouping", "regrouping diagnostics"),
             image(images, "spectrum", "spectra") if "spectrum" in images else ""))
+    if any("grokking" in run.summary.get("suite_metrics", {}) for run in experiment.runs):
+        sections.append(section("Grokking per operation", grokking_table(experiment)))
+    if "progress" in images:
+        sections.append(section(
+            "Progress measures",
+            "<p>Measures of the model itself at every evaluation: the weight norm ‖θ‖₂, and for symbolic modular "
+            "arithmetic the share of the residue embedding's Fourier power in its 5 strongest frequencies "
+            "(Nanda et al. 2023): they move steadily while accuracy jumps.</p>",
+            image(images, "progress", "progress measures")))
     sections.append(section("Training loss", image(images, "training_loss", "training loss")))
     return page(f"{experiment.name} — capshape report", sections)

@@ -97,6 +97,17 @@ def task_grid(experiment: Experiment, metric: str, ylabel: str):
     return grid_figure(panels, ylabel)
 
 
+def probe_names(experiment: Experiment) -> list[str]:
+    """The model measures recorded at every evaluation (metrics rows' `probes`), e.g. weight norm."""
+    return list(dict.fromkeys(key for run in experiment.runs for row in run.rows for key in row.get("probes", {})))
+
+
+def progress_figure(experiment: Experiment):
+    probe = lambda key: lambda run: {row["step"]: row["probes"][key] for row in run.rows if key in row.get("probes", {})}
+    panels = {key.replace("_", " "): objective_lines(experiment, probe(key)) for key in probe_names(experiment)}
+    return grid_figure(panels, "value", sharey=False)
+
+
 def group_spread_figure(experiment: Experiment):
     spread = lambda key: lambda run: run.summary_curve(run.summary["group_loss_spread"][key])
     panels = {"cv of group held-out loss": objective_lines(experiment, spread("cv")),
@@ -195,5 +206,7 @@ def render_plots(experiment: Experiment) -> dict[str, bytes]:
         figures["regrouping"] = lambda: regrouping_figure(experiment)
     if spectrum_panels(experiment):
         figures["spectrum"] = lambda: grid_figure(spectrum_panels(experiment), "value", sharey=False, xlabel="index")
+    if probe_names(experiment):
+        figures["progress"] = lambda: progress_figure(experiment)
     figures["training_loss"] = lambda: training_loss_figure(experiment)
     return {name: png_bytes(make()) for name, make in figures.items()}

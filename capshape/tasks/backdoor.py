@@ -215,7 +215,7 @@ class BackdoorSuite(Suite):
         data = [poison(d, trigger, params.target, params.poison_ratio, seed) if is_trained else d
                 for d, is_trained in zip(inner.data, inner.trained)]
         data += triggered_tasks([d.held_out for d in trained], trigger, params.target)
-        return BackdoorData(data, inner.trained + [False, False], spec, trigger)
+        return BackdoorData(data, inner.trained + [False, False], spec, probes=inner.probes, trigger=trigger)
 
 
 SUITES.add("backdoor", BackdoorSuite())

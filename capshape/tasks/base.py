@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from capshape.errors import CapshapeError
 from capshape.registry import Registry
@@ -31,6 +31,7 @@ class Task:
     parts: tuple[str, ...] = ()
     scorer: Callable[[str, str], float] = exact_match
     chance: float = 0.0  # accuracy of guessing; emergence is measured on (acc - chance) / (1 - chance)
+    decode: Optional[Callable[[list[int]], str]] = None  # predicted target tokens -> answer text (None: characters)
 
     def example(self, rng: random.Random) -> tuple[str, str]:
         text = self.sample_input(rng)

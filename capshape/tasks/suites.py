@@ -4,6 +4,9 @@ themselves here with their own parameters, so every objective and protocol can u
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -34,6 +37,7 @@ class SuiteData:
     data: list[TaskData]  # every task, each with its held-out set
     trained: list[bool]  # whether the task is trained on (False: evaluated only)
     input_spec: InputSpec
+    probes: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None  # model measures at every evaluation
 
 
 class SuiteParams(BaseModel):

@@ -48,7 +48,7 @@ def evaluate(model: torch.nn.Module, data: list[TaskData], device: torch.device,
             n_tokens += int(mask.sum())
             for row, target in zip(range(len(inputs)), split.targets[start : start + chunk]):
                 tokens = predicted[row][mask[row]].tolist()
-                prediction = str(tokens[0]) if classification else _prediction(tokens)
+                prediction = str(tokens[0]) if classification else (task_data.task.decode or _prediction)(tokens)
                 scores.append(scorer(prediction, target))
                 if not classification:
                     distances.append(token_edit_distance(prediction, target) / max(len(prediction), len(target), 1))

@@ -108,6 +108,13 @@ def check_config(config: RunConfig) -> None:
                                 f"local save_pretrained directory (nothing is downloaded).")
 
 
+def weight_norm(model: torch.nn.Module) -> float:
+    """‖θ‖₂ over every parameter, a progress measure of grokking: Nanda et al. 2023 see it fall under
+    weight decay once the general solution has formed ("cleanup"); Liu et al. 2023 ("Omnigrok") tie
+    grokking to the weight norm."""
+    return float(torch.sqrt(sum(p.detach().float().pow(2).sum() for p in model.parameters())))
+
+
 def learning_rate(step: int, config: RunConfig) -> float:
     """Linear warmup to lr, then cosine decay to min_lr_ratio·lr at the last step."""
     train = config.train
@@ -282,7 +289,9 @@ def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer
                 if not all(math.isfinite(v) for task in results.values() for v in task.values()):
                     raise CapshapeError(f"Non-finite held-out metrics at step {step}: the model diverged; lower train.lr "
                                         f"(now {train.lr}). The last good checkpoint is kept.")
-                row = {"step": step, "eval": results, "seconds": time.perf_counter() - started}
+                probes = prepared.suite.probes(model) if prepared.suite.probes else {}
+                row = {"step": step, "eval": results, "seconds": time.perf_counter() - started,
+                       "probes": {"weight_norm": weight_norm(model), **probes}}
                 if totals["count"]:
                     row["train"] = {k: totals[k] / totals["count"] for k in ("loss", "objective", "grad_norm")}
                     row["train"].update(lr=learning_rate(step - 1, config), skipped_steps=totals["skipped"])

@@ -73,9 +73,9 @@ class Prepared:
 
 def prepare_data(config: RunConfig, seed: int) -> Prepared:
     suite = build_suite(config.data, seed, config.model.max_len)
-    stray = sorted(set(config.data.ungrouped) - {d.task.name for d in suite.data})
+    stray = sorted(set(config.data.ungrouped) - {d.task.name for d, trained in zip(suite.data, suite.trained) if trained})
     if stray:
-        raise CapshapeError(f"data.ungrouped: '{stray[0]}' is not a task of the {config.data.suite} suite: remove it.")
+        raise CapshapeError(f"data.ungrouped: '{stray[0]}' is not a trained task of this run: list it in data.tasks or remove it.")
     labels = [UNGROUPED if d.task.name in config.data.ungrouped else d.task.name if config.data.group_by == "task"
               else d.task.group for d in suite.data]
     group_names = list(dict.fromkeys(labels))
@@ -90,9 +90,6 @@ def check_config(config: RunConfig) -> None:
         tasks, trained = suite.resolve(config.data)
         names = [t.name for t, is_trained in zip(tasks, trained) if is_trained]
         mixture_weights(names, config.data.mixture, config.data.zipf_exponent, config.data.weights)
-        stray = [t for t in config.data.ungrouped if t not in names]
-        if stray:
-            raise CapshapeError(f"data.ungrouped: '{stray[0]}' is not a trained task of data.tasks: list it there or remove it.")
     unknown = sorted(set(config.objective) - set(config.objectives))
     if unknown:
         raise CapshapeError(f"config section 'objective.{unknown[0]}' configures an objective not in 'objectives'.")

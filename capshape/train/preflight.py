@@ -1,7 +1,8 @@
 """Preflight: what would fail during training, found before any run directory is written.
 
-- the data: every task's pools are built once (for the first seed): a task whose examples need more
-  tokens than `model.max_len`, a damaged or oversized JSONL line, too few distinct inputs;
+- the data: every task's pools and groups are built once (for the first seed): a task whose examples
+  need more tokens than `model.max_len`, a damaged or oversized JSONL line, too few distinct inputs, an
+  unknown task in `data.ungrouped`;
 - the memory: an estimate of what one run needs (weights, gradients and AdamW's two moments, 16 bytes a
   parameter, plus the activations the backward pass keeps at `train.batch_size`) times the runs trained
   at once, against the memory the machine has available. The parameter count is exact (the model is
@@ -16,7 +17,7 @@ import torch
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
 from capshape.models import build_model
-from capshape.tasks import build_suite
+from capshape.train.loop import prepare_data
 
 BYTES_PER_PARAMETER = 16  # fp32 weight, gradient, and AdamW's first and second moments
 
@@ -55,7 +56,7 @@ def memory_estimate(config: RunConfig, spec) -> tuple[int, int]:
 
 def preflight(config: RunConfig, device: str = "cpu") -> None:
     """Raise a one-line CapshapeError naming the field for data or sizes that cannot train."""
-    suite = build_suite(config.data, config.seeds[0], config.model.max_len)
+    suite = prepare_data(config, config.seeds[0]).suite
     parameters, needed = memory_estimate(config, suite.input_spec)
     available = available_memory()
     if device.startswith("cuda") or available is None:

@@ -57,10 +57,10 @@ def memory_estimate(config: RunConfig, spec) -> tuple[int, int]:
 def preflight(config: RunConfig, device: str = "cpu") -> None:
     """Raise a one-line CapshapeError naming the field for data or sizes that cannot train."""
     suite = prepare_data(config, config.seeds[0]).suite
-    parameters, needed = memory_estimate(config, suite.input_spec)
     available = available_memory()
-    if device.startswith("cuda") or available is None:
+    if device.startswith("cuda") or available is None:  # host memory is not what a GPU run needs
         return
+    parameters, needed = memory_estimate(config, suite.input_spec)
     parallel = min(config.workers, len(config.objectives) * len(config.seeds))
     if needed * parallel > available:
         gib = lambda n: f"{n / 2**30:.3g} GiB"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from capshape.config import load_config
-from capshape.experiments.unlearn import Context, UnlearnConfig, expanded_model, pretrain_config
+from capshape.experiments.unlearn import UnlearnConfig, UnlearnSetup, pretrain_config
 from capshape.objectives import build_objective
 from capshape.train.loop import StepHooks, make_optimizer, prepare_data, training_step
 
@@ -30,18 +30,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_config(CONFIG, ["data.train_examples=2000", "data.eval_examples=16"], schema=UnlearnConfig)
-    ctx = Context(config, Path("/nonexistent"), lambda name, total: None)
+    setup = UnlearnSetup(config, Path("/nonexistent"))
     run_config = pretrain_config(config)
     prepared = prepare_data(run_config, 0)
     era = config.unlearn.era
     variants = {}
     for name in ("plain", "expanded", "era activation", "era activation + parameter"):
         if name == "plain":
-            model, hooks = ctx.fresh_model(), StepHooks()
+            model, hooks = setup.fresh_model(), StepHooks()
         else:
-            model, expansion = expanded_model(ctx)
-            hooks = StepHooks() if name == "expanded" else era.hooks(
-                expansion, ctx.routes(), route_parameters=name.endswith("parameter"))
+            model, expansion = setup.expanded_model()
+            routing = era.model_copy(update={"route_parameters": name.endswith("parameter")})
+            hooks = StepHooks() if name == "expanded" else StepHooks.of(routing.step(expansion, setup.routes()))
         variants[name] = dict(model=model, hooks=hooks, optimizer=make_optimizer(model, run_config),
                               objective=build_objective("mean", {}, len(prepared.group_names)),
                               sampler=prepared.sampler(run_config, 0), times=[])

@@ -49,151 +49,63 @@ DEVICE_HELP = "auto (CUDA if available), cpu or cuda; bf16 autocast with --set t
 EXECUTOR_HELP = "local (a pool of `workers` processes) or ray (Ray tasks; a local Ray unless --ray-address)."
 
 
-def _run_and_report(config_path: Path, overrides: list[str], out: Path, resume: bool, device: str = "cpu",
-                    executor: str = "local", address: Optional[str] = None, retries: int = 1) -> None:
-    from capshape.experiments import raise_failures, run_comparison
-    from capshape.report import build_report
+def _run_protocol(name: str, config_path: Path, overrides: list[str], out: Path, runtime) -> None:
+    """Load the config against the protocol's schema, run it, write the report, print the headline;
+    failures are raised after the report is written."""
+    from capshape.experiments import build_report, get_protocol, raise_failures, run_protocol
 
-    config = load_config(config_path, overrides)
-    summary = run_comparison(config, out, resume=resume, device=device, executor=executor, address=address,
-                             retries=retries)
-    if not summary["objectives"]:  # nothing to report: the cause is the answer
-        raise_failures(summary)
+    protocol = get_protocol(name)
+    summary = run_protocol(protocol, load_config(config_path, overrides, schema=protocol.schema), out, runtime)
     report = build_report(out)
     raise_failures(summary)
-    for objective, stats in summary["objectives"].items():
-        console.print(f"{objective:>18}: mean accuracy {stats['mean_accuracy']['mean']:.3f}, "
-                      f"mean held-out loss {stats['mean_eval_loss']['mean']:.3f} ({len(stats['seeds'])} seeds)")
-    print_verdict(summary)
+    for line in protocol.headline(summary):
+        console.print(line)
     console.print(f"report: {report}\nsummary: {out / 'summary.json'}")
 
 
-def print_verdict(summary: dict) -> None:
-    """The verdict table of the report, in the terminal: the answer is the last thing printed."""
-    from capshape.report.verdict import verdict
+def _runtime(resume: bool, device: str, executor: str, ray_address: Optional[str], retries: int,
+             workers: Optional[int]):
+    from capshape.experiments import Runtime
 
-    found = verdict(summary)
-    if found is None:
-        return
-    table = Table("metric", "+ means", *found.objectives, title=f"verdict: each objective − {summary.get('baseline', 'mean')}")
-    for label, positive, cells in found.rows:
-        table.add_row(label, positive, *(f"[bold green]{text} *[/]" if sure else text for text, sure in cells))
-    console.print(table)
-    for note in found.notes:
-        console.print(note)
+    return Runtime(device=device, executor=executor, address=ray_address, retries=retries, resume=resume,
+                   workers=workers)
 
 
-@app.command()
-@user_errors
-def run(
-    config: Path = typer.Argument(..., help="TOML config file."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set train.steps=500."),
-    out: Path = typer.Option(Path("runs/run"), "--out", help="Output directory."),
-    resume: bool = typer.Option(False, help="Continue unfinished runs in --out from their checkpoints."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    executor: str = typer.Option("local", help=EXECUTOR_HELP),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. auto or ray://head:10001."),
-    retries: int = typer.Option(1, min=0, help="Times a failed run is retried (resuming its checkpoint) before it is reported."),
-):
-    """Train every objective x seed in CONFIG and write a comparison report."""
-    _run_and_report(config, set_ or [], out, resume, device, executor, ray_address, retries)
+# The runtime options, the same on every protocol command (and the demo).
+RESUME = typer.Option(False, help="Keep finished work in --out and compute only the rest.")
+DEVICE = typer.Option("auto", help=DEVICE_HELP)
+EXECUTOR = typer.Option("local", help=EXECUTOR_HELP)
+RAY_ADDRESS = typer.Option(None, help="Ray cluster to join, e.g. auto or ray://head:10001.")
+RETRIES = typer.Option(1, min=0, help="Times a failed cell is retried (resuming its checkpoint) before it is reported.")
+WORKERS = typer.Option(None, min=1, help="Cells trained at once (default: the config's workers).")
+SET = typer.Option(None, "--set", help="Override a field, e.g. --set train.steps=500.")
 
 
-@app.command()
-@user_errors
-def transfer(
-    config: Path = typer.Argument(..., help="TOML config file with a transfer section, e.g. configs/transfer.toml."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set transfer.n_b=20."),
-    out: Path = typer.Option(Path("runs/transfer"), "--out", help="Output directory."),
-    workers: Optional[int] = typer.Option(None, min=1, help="Parallel processes (default: the config's workers)."),
-    resume: bool = typer.Option(False, help="Keep finished cells in --out and compute only the rest."),
-):
-    """Transfer matrix: fine-tune on A then B for every task pair, vs B alone; writes report.html and summary.json."""
-    from capshape.experiments import raise_failures
-    from capshape.experiments.transfer import TransferConfig, run_transfer
-    from capshape.report import build_report
+def _protocol_command(name: str, help_text: str, aliases: tuple[str, ...] = ()) -> None:
+    """`capshape NAME CONFIG`: one command per registered protocol, with the same options."""
 
-    overrides = (set_ or []) + ([] if workers is None else [f"workers={workers}"])
-    summary = run_transfer(load_config(config, overrides, schema=TransferConfig), out, resume=resume)
-    report = build_report(out)
-    raise_failures(summary)
-    for metric, stats in summary["metrics"].items():
-        ranked = stats["ranked"]
-        if ranked:
-            best, worst = ranked[0], ranked[-1]
-            console.print(f"{metric:>9} transfer ({stats['unit']}): most {best['a']}→{best['b']} {best['mean']:+.3g}, "
-                          f"least {worst['a']}→{worst['b']} {worst['mean']:+.3g}")
-    console.print(f"report: {report}\nsummary: {out / 'summary.json'}")
+    def command(
+        config: Path = typer.Argument(..., help=f"TOML config file, e.g. configs/{name}.toml."),
+        set_: Optional[List[str]] = SET,
+        out: Path = typer.Option(Path(f"runs/{name}"), "--out", help="Output directory."),
+        resume: bool = RESUME, device: str = DEVICE, executor: str = EXECUTOR, ray_address: Optional[str] = RAY_ADDRESS,
+        retries: int = RETRIES, workers: Optional[int] = WORKERS,
+    ):
+        _run_protocol(name, config, set_ or [], out, _runtime(resume, device, executor, ray_address, retries, workers))
+
+    app.command(name, help=help_text)(user_errors(command))
+    for alias in aliases:  # a former name, kept working but out of --help
+        app.command(alias, help=help_text, hidden=True)(user_errors(command))
 
 
-@app.command()
-@user_errors
-def overhang(
-    config: Path = typer.Argument(..., help="TOML config file with an overhang section, e.g. configs/overhang.toml."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set overhang.target=sub."),
-    out: Path = typer.Option(Path("runs/overhang"), "--out", help="Output directory."),
-    resume: bool = typer.Option(False, help="Reuse finished runs in --out and compute only the rest."),
-):
-    """Capability overhang: train under several regimes, fine-tune on natural data, time the target's return."""
-    from capshape.experiments import raise_failures
-    from capshape.experiments.overhang import OverhangConfig, run_overhang
-    from capshape.report import build_report
+def _register_protocols() -> None:
+    from capshape.experiments.registry import PROTOCOLS, help_line
 
-    summary = run_overhang(load_config(config, set_ or [], schema=OverhangConfig), out, resume=resume)
-    report = build_report(out)
-    raise_failures(summary)
-    for regime, stats in summary["regimes"].items():
-        saved = stats["steps_saved_vs_never_trained"]["mean"]
-        console.print(f"{regime:>14}: target acc entering phase 2 {stats['phase2_start_accuracy']['mean']:.3f}, "
-                      f"phase-2 AUC {stats['auc']['mean']:.3f}"
-                      + ("" if saved is None else f", steps saved vs never trained {saved:+.0f}")
-                      + (" (overhang)" if stats["overhang"] else ""))
-    console.print(f"report: {report}\nsummary: {out / 'summary.json'}")
+    for name in PROTOCOLS:
+        _protocol_command(name, help_line(name), ("run",) if name == "compare" else ())
 
 
-@app.command()
-@user_errors
-def distill(
-    config: Path = typer.Argument(..., help="TOML config file with a distill section, e.g. configs/distill_digits.toml."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set distill.rounds=1."),
-    out: Path = typer.Option(Path("runs/distill"), "--out", help="Output directory."),
-    resume: bool = typer.Option(False, help="Reuse finished runs in --out and compute only the rest."),
-):
-    """Self-distillation vs planted backdoors: plant, distil on clean data, measure ASR, DER and relearning."""
-    from capshape.experiments.distill import DistillConfig, run_distill
-    from capshape.report import build_report
-
-    summary = run_distill(load_config(config, set_ or [], schema=DistillConfig), out, resume=resume, log=console.print)
-    report = build_report(out)
-    value = lambda stat, fmt: "—" if stat["mean"] is None else format(stat["mean"], fmt)
-    for trigger, methods in summary["table"].items():
-        for method, stats in methods.items():
-            console.print(f"{trigger:>6} {method:>15}: clean acc {value(stats['clean_accuracy'], '.3f')}, "
-                          f"ASR {value(stats['asr'], '.3f')}, DER {value(stats['der'], '.3f')}, "
-                          f"relearn steps {value(stats['relearn_steps'], '.0f')}")
-    console.print(f"report: {report}\nsummary: {out / 'summary.json'}")
-
-
-@app.command()
-@user_errors
-def unlearn(
-    config: Path = typer.Argument(..., help="TOML config file with an unlearn section, e.g. configs/unlearn.toml."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set unlearn.era.neurons=32."),
-    out: Path = typer.Option(Path("runs/unlearn"), "--out", help="Output directory."),
-    resume: bool = typer.Option(False, help="Reuse finished stages in --out and compute only the rest."),
-):
-    """Expand-Route-Ablate vs plain, data filtering, gradient ascent and RMU, with relearning attacks."""
-    from capshape.experiments.unlearn import UnlearnConfig, run_unlearn
-    from capshape.report import build_report
-
-    summary = run_unlearn(load_config(config, set_ or [], schema=UnlearnConfig), out, resume=resume)
-    report = build_report(out)
-    for method, stats in summary["methods"].items():
-        final, tax = stats["stages"]["final"], stats["alignment_tax"]["vs_plain"]
-        console.print(f"{method:>16}: forget loss {final['forget']['loss']:.3f} acc {final['forget']['accuracy']:.3f}, "
-                      f"retain loss {final['retain']['loss']:.3f} acc {final['retain']['accuracy']:.3f}"
-                      + (f", retain loss vs plain {tax:+.3f}" if tax is not None and method != "plain" else ""))
-    console.print(f"report: {report}\nsummary: {out / 'summary.json'}")
+_register_protocols()
 
 
 @app.command()
@@ -202,16 +114,15 @@ def demo(
     steps: Optional[int] = typer.Option(None, help="Training steps per run (default: the demo config's)."),
     suite: str = typer.Option("text", help="text (character tasks, Zipfian mixture) or sparse_parity (Michaud et al. 2023)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output directory."),
-    resume: bool = typer.Option(False, help="Continue an interrupted demo."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
-    executor: str = typer.Option("local", help=EXECUTOR_HELP),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join, e.g. auto or ray://head:10001."),
+    resume: bool = RESUME, device: str = DEVICE, executor: str = EXECUTOR, ray_address: Optional[str] = RAY_ADDRESS,
+    retries: int = RETRIES, workers: Optional[int] = WORKERS,
 ):
-    """mean vs stratified, grouped, group_dro and doremi over 3 seeds; writes report.html and summary.json."""
+    """`compare` on the demo config: mean vs stratified, grouped, group_dro and doremi over 3 seeds."""
     if suite not in DEMO_CONFIGS:
         raise CapshapeError(f"--suite {suite!r} has no demo: use one of {', '.join(DEMO_CONFIGS)}.")
     overrides = [] if steps is None else [f"train.steps={steps}"]
-    _run_and_report(DEMO_CONFIGS[suite], overrides, out, resume, device, executor, ray_address)
+    _run_protocol("compare", DEMO_CONFIGS[suite], overrides, out,
+                  _runtime(resume, device, executor, ray_address, retries, workers))
 
 
 @app.command("train-ddp")
@@ -269,7 +180,7 @@ def groups(
     from capshape.config import build_config
     from capshape.experiments.groups import discover_groups
     from capshape.grads.discovery import DiscoveryOptions
-    from capshape.report import build_report
+    from capshape.experiments import build_report
 
     options = build_config({}, set_ or [], schema=DiscoveryOptions)
     record = discover_groups(run_dir, out, options, step, per_task, min_task_accuracy, seed)
@@ -281,9 +192,9 @@ def groups(
 
 @app.command()
 @user_errors
-def report(path: Path = typer.Argument(..., help="A run or comparison directory.")):
-    """(Re)build report.html from the stored results of a run or comparison."""
-    from capshape.report import build_report
+def report(path: Path = typer.Argument(..., help="A run, protocol or groups directory.")):
+    """(Re)build report.html from the stored results of a run, protocol or groups directory."""
+    from capshape.experiments import build_report
 
     console.print(f"report: {build_report(path)}")
 

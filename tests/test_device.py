@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from capshape.cli import app
 from capshape.errors import CapshapeError
-from capshape.experiments import compare
+from capshape.experiments import kit, run
 from capshape.objectives import build_objective
 from capshape.models import build_model
 from capshape.train import StepHooks, prepare_data, train_run
@@ -63,9 +63,9 @@ def test_the_device_reaches_every_cell(tmp_path, tiny_config, monkeypatch):
         seen.update(cells=cells, executor=executor, address=address, retries=retries)
         return {}
 
-    monkeypatch.setattr(compare, "run_cells", fake_run_cells)
-    compare.run_comparison(tiny_config, tmp_path / "x", show_progress=False, device="auto", executor="ray",
-                           address="ray://head:10001", retries=2)
+    monkeypatch.setattr(kit, "run_cells", fake_run_cells)
+    run("compare", tiny_config, tmp_path / "x", show_progress=False, device="auto", executor="ray",
+        address="ray://head:10001", retries=2)
     cell = seen["cells"][0]
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert cell.kwargs["device"] == expected and cell.gpus == float(expected == "cuda")

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from capshape.cli import app
 from capshape.config import build_config
 from capshape.errors import CapshapeError
-from capshape.experiments.distill import DistillConfig, check_distill_config, run_distill, stage_config
+from capshape.experiments import run
+from capshape.experiments.distill import DistillConfig, check_distill_config, stage_config
 from capshape.experiments.distill_hooks import Distiller, TriggerFreeGuard, distillation_losses
 from capshape.experiments.distill_measure import measure
 from capshape.metrics.backdoor import attack_success_rate, defense_effectiveness, target_margin
@@ -223,7 +224,7 @@ def test_semantic_distill_errors_are_caught_before_training(raw, message):
 def test_a_trigger_that_does_not_fit_fails_before_any_training(tmp_path):
     config = distill_config(DIGITS, triggers=["patch", "tokens"])
     with pytest.raises(CapshapeError, match="distill.triggers 'tokens': .*needs tokens inputs") as info:
-        run_distill(config, tmp_path / "out")
+        run("distill", config, tmp_path / "out", show_progress=False)
     assert "\n" not in str(info.value) and not list((tmp_path / "out").glob("seed0/*/status.json"))
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from capshape.errors import CapshapeError
-from capshape.experiments import run_comparison
+from capshape.experiments import run
 from capshape.experiments.executor import Cell, run_cells
 from capshape.runstore import RunDir, read_json
 from capshape.train import train_run
@@ -47,7 +47,7 @@ def test_local_executor_retries_failed_cells_and_reports_those_that_always_fail(
     out = tmp_path / "cmp"
     RunDir(out / "mean-seed0").set_status("failed", error="killed")  # as a crashed earlier attempt leaves it
     with pytest.raises(CapshapeError, match="already holds a run: pass --resume"):
-        run_comparison(tiny_config, out, show_progress=False)  # a rerun without --resume is refused up front
+        run("compare", tiny_config, out, show_progress=False)  # a rerun without --resume is refused up front
     # a retried run continues with its retry_kwargs (resume=True)
     resumed = Cell("mean-seed0", lost_once, 12, dict(marker=str(tmp_path / "lost"), config=tiny_config, objective_name="mean",
                                                      seed=0, out=out / "mean-seed1", resume=False), retry_kwargs={"resume": True})
@@ -62,14 +62,14 @@ def test_unknown_executor_and_missing_gpu_are_one_line_errors(tmp_path, tiny_con
     with pytest.raises(CapshapeError, match="Unknown executor 'slurm'"):
         run_cells([], workers=1, show_progress=False, executor="slurm")
     with pytest.raises(CapshapeError, match="Unknown executor 'slurm'"):
-        run_comparison(tiny_config, tmp_path / "x", show_progress=False, executor="slurm")
+        run("compare", tiny_config, tmp_path / "x", show_progress=False, executor="slurm")
     with pytest.raises(CapshapeError, match="add --executor ray"):
-        run_comparison(tiny_config, tmp_path / "x", show_progress=False, address="auto")
+        run("compare", tiny_config, tmp_path / "x", show_progress=False, address="auto")
     assert not (tmp_path / "x").exists()  # refused before anything is written
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         with pytest.raises(CapshapeError, match="no CUDA GPU"):
-            run_comparison(tiny_config, tmp_path / "x", show_progress=False, device="cuda")
+            run("compare", tiny_config, tmp_path / "x", show_progress=False, device="cuda")
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +87,11 @@ def local_ray():
 # torch and capshape. The 4-cell grid runs by default; the retry test runs with `make test-all` (-m slow).
 def test_ray_executor_runs_a_grid_into_the_same_run_store(tmp_path, tiny_config, local_ray):
     config = tiny_config.model_copy(update={"objectives": ["mean", "grouped"], "seeds": [0, 1]})
-    summary = run_comparison(config, tmp_path / "grid", show_progress=False, executor="ray")
+    summary = run("compare", config, tmp_path / "grid", show_progress=False, executor="ray")
     assert summary["failed"] == {} and len(summary["runs"]) == 4
     for name in summary["runs"]:
-        run = RunDir(tmp_path / "grid" / name)
-        assert run.status()["status"] == "finished" and (run.path / "model.safetensors").exists()
+        directory = RunDir(tmp_path / "grid" / name)
+        assert directory.status()["status"] == "finished" and (directory.path / "model.safetensors").exists()
     assert read_json(tmp_path / "grid" / "summary.json")["objectives"].keys() == {"mean", "grouped"}
     assert read_json(tmp_path / "grid" / "mean-seed0" / "config.json")["train"]["threads"] == 1
 
@@ -99,9 +99,9 @@ def test_ray_executor_runs_a_grid_into_the_same_run_store(tmp_path, tiny_config,
 @pytest.mark.slow
 def test_ray_executor_trains_retries_and_reports(tmp_path, tiny_config, local_ray):
     out = tmp_path / "mean-seed0"
-    run = Cell("mean-seed0", lost_once, 12, dict(marker=str(tmp_path / "lost"), config=tiny_config, objective_name="mean",
-                                                 seed=0, out=out, resume=False), retry_kwargs={"resume": True})
-    failures = run_cells([*_cells(tmp_path)[:2], run], workers=1, show_progress=False, executor="ray", retries=1)
+    lost = Cell("mean-seed0", lost_once, 12, dict(marker=str(tmp_path / "lost"), config=tiny_config, objective_name="mean",
+                                                  seed=0, out=out, resume=False), retry_kwargs={"resume": True})
+    failures = run_cells([*_cells(tmp_path)[:2], lost], workers=1, show_progress=False, executor="ray", retries=1)
     assert failures == {"broken": "always broken (runtime)"}
     assert (tmp_path / "marker").exists()  # flaky failed once, then succeeded
     assert (tmp_path / "log").read_text().count("attempt") == 2

@@ -12,7 +12,7 @@ from capshape.grads.output_layer import OutputLayerRecorder, output_layer_name
 from capshape.models import Transformer
 from capshape.config import ModelConfig
 from capshape.objectives import build_objective
-from capshape.report import build_report
+from capshape.experiments import build_report
 from capshape.runstore import RunDir
 from capshape.train import train_run
 from helpers import interrupted_run

@@ -12,7 +12,7 @@ import pytest
 
 from capshape.errors import CapshapeError
 from capshape.experiments.compare import aggregate
-from capshape.report import build_report
+from capshape.experiments import build_report
 from capshape.report.plots import seed_band
 from capshape.train.summary import summarize_run
 

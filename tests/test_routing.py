@@ -12,10 +12,12 @@ from capshape.cli import app
 from capshape.config import build_config
 from capshape.errors import CapshapeError
 from capshape.experiments import relearn as relearn_module
-from capshape.experiments.unlearn import UnlearnConfig, check_unlearn_config, run_unlearn
-from capshape.experiments.unlearn_methods import RMU, GradientAscentLosses, KeepBest, era_hooks
+from capshape.experiments import run
+from capshape.experiments.unlearn import UnlearnConfig, check_unlearn_config
+from capshape.experiments.unlearn_hooks import RMU, GradientAscentLosses, KeepBest
+from capshape.routing.era import era_step
 from capshape.models import build_model
-from capshape.report import build_report
+from capshape.experiments import build_report
 from capshape.routing import (ActivationRouter, ParameterRouter, RoutedLosses, Routes, contract_mlp, example_hash,
                               expand_mlp, route)
 from capshape.tasks import TOKENS, Batch
@@ -225,7 +227,7 @@ def test_ablation_removes_what_was_routed(tiny_config, tmp_path):
         model.unembed.weight.mul_(50)
     original = copy.deepcopy(model)
     expansion = expand_mlp(model, None, 8, std=0.2, generator=torch.Generator().manual_seed(0))
-    hooks = era_hooks(expansion, Routes([1]), (0.0, 1.0), (1.0, 0.0), "all", 0.0, route_parameters=True)
+    hooks = StepHooks.of(era_step(expansion, Routes([1]), (0.0, 1.0), (1.0, 0.0), "all", 0.0, route_parameters=True))
     train_run(config, "mean", 0, tmp_path / "run", hooks=hooks, model=model)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval"]["add"]["loss"] < rows[0]["eval"]["add"]["loss"] - 1.0, [r["eval"]["add"]["loss"] for r in rows]
@@ -350,7 +352,7 @@ def test_schema_errors_name_the_field_in_one_line(overrides, field):
 def test_tiny_unlearn_end_to_end_with_report_and_resume(tmp_path):
     config = build_config(copy.deepcopy(TINY), schema=UnlearnConfig)
     out = tmp_path / "out"
-    summary = run_unlearn(config, out, show_progress=False)
+    summary = run("unlearn", config, out, show_progress=False)
     assert summary["kind"] == "unlearn" and summary["forget"] == ["add"] and summary["retain"] == ["copy"]
     assert list(summary["methods"]) == ["plain", "filter", "era", "gradient_ascent", "rmu"]
     assert list(summary["methods"]["era"]["stages"]) == ["trained", "ablated", "final"]
@@ -364,10 +366,10 @@ def test_tiny_unlearn_end_to_end_with_report_and_resume(tmp_path):
     assert {p.stem for p in (out / "plots").iterdir()} == {"forget_retain", "alignment_tax", "relearning_loss",
                                                            "relearning_accuracy", "partial_labels", "digits_certificates"}
     with pytest.raises(CapshapeError, match="--resume"):
-        run_unlearn(config, out, show_progress=False)
+        run("unlearn", config, out, show_progress=False)
     with pytest.raises(CapshapeError, match="train.steps"):
-        run_unlearn(build_config(copy.deepcopy(TINY), ["train.steps=5"], schema=UnlearnConfig), out, resume=True, show_progress=False)
-    again = run_unlearn(config, out, resume=True, show_progress=False)
+        run("unlearn", build_config(copy.deepcopy(TINY), ["train.steps=5"], schema=UnlearnConfig), out, resume=True, show_progress=False)
+    again = run("unlearn", config, out, resume=True, show_progress=False)
     assert again["methods"] == json.loads(json.dumps(summary["methods"]))
 
 

@@ -13,14 +13,14 @@ from typer.testing import CliRunner
 from capshape.cli import app
 from capshape.config import RunConfig, build_config
 from capshape.errors import CapshapeError
+from capshape.experiments import build_report, kit, run
 from capshape.experiments import transfer as protocol
 from capshape.experiments.transfer import (TransferConfig, base_path, cell_dir, cell_specs, check_transfer_config,
-                                           run_transfer, stage_a_dir)
+                                           stage_a_dir)
 from capshape.experiments.transfer_proxy import task_affinities
 from capshape.experiments.transfer_stats import cluster, metric_stats, rank_agreement, signed_similarity, similarity
 from capshape.metrics.stats import t_interval
 from capshape.models import build_model, per_example_losses
-from capshape.report import build_report
 from capshape.runstore import read_json
 from capshape.tasks import TOKENS
 from capshape.train import prepare_data
@@ -49,7 +49,7 @@ class SerialCells:
     def __init__(self, fail=()):
         self.calls, self.fail = [], set(fail)
 
-    def __call__(self, cells, workers, show_progress=True):
+    def __call__(self, cells, workers, show_progress=True, **executor):
         failures = {}
         for cell in cells:
             self.calls.append(cell.name)
@@ -65,8 +65,8 @@ def grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("transfer")
     config = tiny()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(protocol, "run_cells", SerialCells())
-        summary = run_transfer(config, out, show_progress=False)
+        patch.setattr(kit, "run_cells", SerialCells())
+        summary = run("transfer", config, out, show_progress=False)
     return config, out, summary
 
 
@@ -129,24 +129,24 @@ def test_resume_computes_only_unfinished_cells(tmp_path, monkeypatch):
     config = tiny(tasks=["copy", "reverse"], seeds=[0], pretrain_tasks=[], proxy_steps=0)
     crashed = "none->copy seed0"
     first = SerialCells(fail=[crashed])
-    monkeypatch.setattr(protocol, "run_cells", first)
-    summary = run_transfer(config, tmp_path, show_progress=False)
+    monkeypatch.setattr(kit, "run_cells", first)
+    summary = run("transfer", config, tmp_path, show_progress=False)
     assert set(summary["failed"]) == {crashed} and summary["cells"] == 3
     finished = {path: path.stat().st_mtime_ns for path in tmp_path.glob("cells/*/cell.json")}
     with pytest.raises(CapshapeError, match="--resume"):
-        run_transfer(config, tmp_path, show_progress=False)
+        run("transfer", config, tmp_path, show_progress=False)
     again = SerialCells()
-    monkeypatch.setattr(protocol, "run_cells", again)
-    summary = run_transfer(config, tmp_path, resume=True, show_progress=False)
+    monkeypatch.setattr(kit, "run_cells", again)
+    summary = run("transfer", config, tmp_path, resume=True, show_progress=False)
     assert again.calls == [crashed]
     assert summary["failed"] == {} and summary["cells"] == 4
     assert {path: path.stat().st_mtime_ns for path in finished} == finished
     idle = SerialCells()
-    monkeypatch.setattr(protocol, "run_cells", idle)
-    run_transfer(config, tmp_path, resume=True, show_progress=False)
+    monkeypatch.setattr(kit, "run_cells", idle)
+    run("transfer", config, tmp_path, resume=True, show_progress=False)
     assert idle.calls == []
     with pytest.raises(CapshapeError, match="transfer.n_b=4 but this config has 5"):
-        run_transfer(tiny(tasks=["copy", "reverse"], seeds=[0], pretrain_tasks=[], proxy_steps=0, n_b=5),
+        run("transfer", tiny(tasks=["copy", "reverse"], seeds=[0], pretrain_tasks=[], proxy_steps=0, n_b=5),
                      tmp_path, resume=True, show_progress=False)
 
 

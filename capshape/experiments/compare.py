@@ -2,8 +2,8 @@
 aggregate their summaries (mean and spread over seeds, alignment tax against `mean`).
 
 Layout: `OUT/config.json`, `OUT/<objective>-seed<k>/` (one run directory each), `OUT/summary.json`.
-Runs train on an executor (executor.py: `workers` local processes, or Ray tasks), each with a live
-progress bar; a failed run is retried `retries` times, resuming from its last checkpoint.
+Each run is one cell of the kit's executor (kit.py: device, workers or Ray, retries from the last
+checkpoint, progress bars).
 """
 from __future__ import annotations
 
@@ -14,56 +14,41 @@ import numpy as np
 
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
-from capshape.experiments.executor import EXECUTORS, Cell, run_cells
-from capshape.runstore import RunDir, output_directory, read_json, run_name, write_json
+from capshape.experiments.executor import Cell
+from capshape.experiments.kit import Protocol, Runtime, execute, raise_failures
 from capshape.metrics.stats import paired_difference
+from capshape.report import comparison_page
+from capshape.report.verdict import verdict_lines
+from capshape.runstore import RunDir, read_json, run_name
 from capshape.train import check_config, train_run
-from capshape.train.parallel import resolve_device
-from capshape.train.preflight import preflight
 from capshape.train.summary import LEVELS
 
 EMERGENCE_KEYS = ("step_10", "step_50", "step_90", "transition_width", "max_slope_per_pct", "jump",
                   "breakthroughness", "logistic_width")
 
 
-def run_comparison(config: RunConfig, out: Path, resume: bool = False, show_progress: bool = True,
-                   device: str = "cpu", executor: str = "local", address: Optional[str] = None,
-                   retries: int = 1) -> dict:
-    """Every objective x seed of `config` on `device` ("auto", "cpu", "cuda"), run by `executor`.
-
-    `auto` is resolved here: CUDA if this machine sees a GPU. A run on `cuda` reserves one GPU of
-    the Ray cluster (which this machine need not have; the local executor checks for one). Each Ray
-    task reserves `train.threads` CPUs and runs with train.threads = 1 unless the config sets it."""
-    check_config(config)
-    if executor not in EXECUTORS:
-        raise CapshapeError(f"Unknown executor '{executor}': use one of {', '.join(EXECUTORS)}.")
-    if address is not None and executor != "ray":
-        raise CapshapeError("--ray-address joins a Ray cluster: add --executor ray.")
-    if executor == "local" or device == "auto":
-        device = resolve_device(device)
-    preflight(config, device)
-    if executor == "ray" and not config.train.threads:
-        config = config.model_copy(update={"train": config.train.model_copy(update={"threads": 1})})
-    with output_directory(out, config.model_dump(mode="json"), resume, "a comparison") as out:
-        return _compare_locked(config, out, resume, show_progress, device, executor, address, retries)
-
-
-def _compare_locked(config: RunConfig, out: Path, resume: bool, show_progress: bool, device: str, executor: str,
-                    address: Optional[str], retries: int) -> dict:
+def run(config: RunConfig, out: Path, runtime: Runtime) -> dict:
+    """Every objective x seed of `config`, one cell each on the runtime's executor; then `aggregate`."""
     specs = [(objective, seed) for objective in config.objectives for seed in config.seeds]
     held = [run_name(o, s) for o, s in specs if RunDir(out / run_name(o, s)).status()["status"] != "missing"]
-    if held and not resume:  # runs left without the comparison's config.json: never train over them
+    if held and not runtime.resume:  # runs left without the comparison's config.json: never train over them
         raise CapshapeError(f"{out / held[0]} already holds a run: pass --resume or choose another --out.")
     cells = [Cell(run_name(o, s), train_run, config.train.steps,
-                  dict(config=config, objective_name=o, seed=s, out=out / run_name(o, s), resume=resume, device=device),
-                  retry_kwargs={"resume": True}, cpus=config.train.threads or 1, gpus=float(device.startswith("cuda")))
+                  dict(config=config, objective_name=o, seed=s, out=out / run_name(o, s), resume=runtime.resume,
+                       device=runtime.device), retry_kwargs={"resume": True})
              for o, s in specs]
-    failures = run_cells(cells, config.workers, show_progress, executor=executor, address=address, retries=retries)
-    summary = aggregate(out, specs)
-    summary["failed"] = failures
-    if summary["objectives"]:  # with no run finished there is nothing to summarise: the error says why
-        write_json(out / "summary.json", summary)
+    failures = execute(cells, config, runtime)
+    summary = {**aggregate(out, specs), "failed": failures}
+    if not summary["objectives"]:  # with no run finished there is nothing to summarise: the error says why
+        raise_failures(summary)
     return summary
+
+
+def headline(summary: dict) -> list:
+    lines = [f"{objective:>18}: mean accuracy {stats['mean_accuracy']['mean']:.3f}, mean held-out loss "
+             f"{stats['mean_eval_loss']['mean']:.3f} ({len(stats['seeds'])} seeds)"
+             for objective, stats in summary["objectives"].items()]
+    return lines + verdict_lines(summary)
 
 
 def _mean_std(values: list) -> dict:
@@ -196,3 +181,6 @@ def aggregate(out: Path, specs: list[tuple[str, int]]) -> dict:
             "comparison": comparison,
             "verdict_metrics": {key: {"label": label, "positive": positive} for key, (label, positive) in VERDICT_METRICS.items()},
             "interval": "95 % Student-t interval of the per-seed paired differences (objective − mean, same seed)"}
+
+
+PROTOCOL = Protocol("compare", RunConfig, check_config, run, headline, comparison_page, "a comparison")

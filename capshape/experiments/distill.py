@@ -28,13 +28,14 @@ backdoored teacher on clean inputs, and DER against the backdoored teacher of th
     OUT/seed<k>/<trigger>/{backdoored, finetune, <init>-round<r>, relearn-<method>}/
         ... each with backdoor.json (its measurement); clean-data stages also guard.json
 
-Stages run one after another in this process; a finished run directory is reused on `--resume`.
+A seed's stages run one after another, in one cell of the kit's executor (seeds in parallel with
+`workers`); a finished run directory is reused on `--resume`.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -42,18 +43,19 @@ from pydantic import Field
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
+from capshape.experiments.executor import Cell
+from capshape.experiments.kit import CellProgress, Protocol, Runtime, execute, raise_failures
 from capshape.experiments.distill_hooks import Distiller, TriggerFreeGuard
 from capshape.experiments.distill_measure import measure
 from capshape.metrics import step_reaching
 from capshape.metrics.backdoor import defense_effectiveness
-from capshape.models import build_model
-from capshape.runstore import RunDir, output_directory, read_json, write_json
+from capshape.models import build_model, cross_entropy_losses
+from capshape.report.distill import distill_report
+from capshape.runstore import RunDir, read_json, write_json
 from capshape.tasks import build_suite
 from capshape.tasks.backdoor import ATTACK, TriggerKind, TriggerParams
 from capshape.tasks.data import task_seed
 from capshape.train import StepHooks, check_config, load_model, save_model, train_run
-from capshape.train.loop import cross_entropy_losses
-from capshape.train.preflight import preflight
 
 Init = Literal["fresh", "teacher_init", "teacher_weights"]
 BACKDOORED, FINETUNE, CLEAN = "backdoored", "finetune", "clean"
@@ -137,17 +139,18 @@ def stage_config(config: DistillConfig, trigger: Optional[str], poison_ratio: fl
 
 # ---- one seed ---------------------------------------------------------------------------------------
 
-class Stages:
-    """Trains the stages of one seed, each a `train_run` (reused when finished)."""
+class SeedStages:
+    """Trains the stages of one seed one after another, each a `train_run` (reused when finished), and
+    reports their steps as one count (`on_progress`, for the seed's progress bar)."""
 
-    def __init__(self, config: DistillConfig, root: Path, seed: int, log: Callable[[str], None]):
-        self.config, self.root, self.seed, self.log = config, root, seed, log
+    def __init__(self, config: DistillConfig, root: Path, seed: int, device: str, on_progress=None):
+        self.config, self.root, self.seed, self.device = config, root, seed, device
+        self.progress = CellProgress(on_progress)
 
     def train(self, directory: Path, run_config: RunConfig, losses=None) -> Path:
-        if RunDir(directory).status()["status"] != "finished":
-            self.log(f"seed {self.seed}: {directory.relative_to(self.root.parent)} ({run_config.train.steps} steps)")
         hooks = StepHooks() if losses is None else StepHooks(losses=losses)
-        train_run(run_config, "mean", self.seed, directory, resume=True, hooks=hooks)
+        train_run(run_config, "mean", self.seed, directory, resume=True, hooks=hooks, device=self.device,
+                  on_progress=self.progress.stage(run_config.train.steps))
         if isinstance(losses, TriggerFreeGuard) and losses.batches:
             record_guard(directory, losses)
         return directory / "model.safetensors"
@@ -183,7 +186,7 @@ def load_trained(config: DistillConfig, path: Path, spec) -> torch.nn.Module:
     return model
 
 
-def run_trigger(config: DistillConfig, stages: Stages, trigger: str, suite, clean: Path, teacher_init: Path) -> dict:
+def run_trigger(config: DistillConfig, stages: SeedStages, trigger: str, suite, clean: Path, teacher_init: Path) -> dict:
     """Every stage of one trigger kind; `suite` is its backdoor suite with clean training pools. Returns each
     model's measurement, the relearning curves {method: {step: ASR}} and each init's last round's name."""
     d, seed, train = config.distill, stages.seed, config.train
@@ -213,7 +216,7 @@ def run_trigger(config: DistillConfig, stages: Stages, trigger: str, suite, clea
     for method, name in {CLEAN: CLEAN, FINETUNE: FINETUNE, **finals}.items():
         run = directory / f"relearn-{method}"
         stages.train(run, poisoned_stage(models[name], d.relearn_steps, d.relearn_eval_every))
-        curves[method] = {row["step"]: row["eval"][ATTACK]["accuracy"] for row in RunDir(run).read_metrics()}
+        curves[method] = [[row["step"], row["eval"][ATTACK]["accuracy"]] for row in RunDir(run).read_metrics()]
     return {"models": measure_all(config, suite, models), "relearn": curves, "finals": finals}
 
 
@@ -235,26 +238,46 @@ def measure_all(config: DistillConfig, suite, models: dict[str, Path]) -> dict[s
 
 # ---- the protocol -------------------------------------------------------------------------------------
 
-def run_distill(config: DistillConfig, out: Path, resume: bool = False,
-                log: Callable[[str], None] = lambda message: None) -> dict:
-    check_distill_config(config)
-    preflight(config)
-    with output_directory(out, config.model_dump(mode="json"), resume, "a distill experiment") as out:
-        started, per_seed = time.perf_counter(), {}
-        for seed in config.seeds:
-            stages = Stages(config, out / f"seed{seed}", seed, log)
-            # every trigger's data first: a trigger that does not fit the suite fails before any training
-            suites = {trigger: trigger_suite(config, trigger, seed) for trigger in config.distill.triggers}
-            teacher_init = stages.init_file("teacher", seed, next(iter(suites.values())).input_spec)
-            teacher = stage_config(config, None, 0.0, config.train.steps, config.train.lr, teacher_init,
-                                   config.train.eval_every, config.train.warmup_steps)
-            clean = stages.train(stages.root / CLEAN, teacher)
-            per_seed[seed] = {trigger: run_trigger(config, stages, trigger, suite, clean, teacher_init)
-                              for trigger, suite in suites.items()}
-        seconds = {"wall_this_invocation": time.perf_counter() - started, "training_loops": loop_seconds(out)}
-        summary = summarize(config, out, per_seed, seconds)
-        write_json(out / "summary.json", summary)
-    return summary
+def seed_steps(config: DistillConfig) -> int:
+    """Training steps of one seed's stages: the teacher, then per trigger the backdoor, the fine-tuning
+    baseline, every init's rounds and the relearning of clean, finetune and every init."""
+    d = config.distill
+    per_trigger = d.backdoor_steps + d.distill_steps * (1 + len(d.inits) * d.rounds) + d.relearn_steps * (2 + len(d.inits))
+    return config.train.steps + len(d.triggers) * per_trigger
+
+
+def seed_cell(config: DistillConfig, seed: int, out: Path, device: str = "cpu", on_progress=None) -> None:
+    """Every stage of one seed, in order; the measurements land in seed<k>/result.json."""
+    stages = SeedStages(config, out / f"seed{seed}", seed, device, on_progress)
+    # every trigger's data first: a trigger that does not fit the suite fails before any training
+    suites = {trigger: trigger_suite(config, trigger, seed) for trigger in config.distill.triggers}
+    teacher_init = stages.init_file("teacher", seed, next(iter(suites.values())).input_spec)
+    teacher = stage_config(config, None, 0.0, config.train.steps, config.train.lr, teacher_init,
+                           config.train.eval_every, config.train.warmup_steps)
+    clean = stages.train(stages.root / CLEAN, teacher)
+    write_json(stages.root / "result.json", {trigger: run_trigger(config, stages, trigger, suite, clean, teacher_init)
+                                             for trigger, suite in suites.items()})
+
+
+def run(config: DistillConfig, out: Path, runtime: Runtime) -> dict:
+    """One cell per seed on the kit's executor (a seed's stages depend on each other; seeds do not)."""
+    started = time.perf_counter()
+    failures = execute([Cell(f"seed {seed}", seed_cell, seed_steps(config),
+                             dict(config=config, seed=seed, out=out, device=runtime.device)) for seed in config.seeds],
+                       config, runtime)
+    if failures:  # the table pairs seeds: report what failed rather than summarise a subset
+        raise_failures({"failed": failures})
+    per_seed = {seed: read_json(out / f"seed{seed}" / "result.json") for seed in config.seeds}
+    seconds = {"wall_this_invocation": time.perf_counter() - started, "training_loops": loop_seconds(out)}
+    return summarize(config, out, per_seed, seconds)
+
+
+def headline(summary: dict) -> list:
+    value = lambda stat, fmt: "—" if stat["mean"] is None else format(stat["mean"], fmt)
+    return [f"{trigger:>6} {method:>15}: clean acc {value(stats['clean_accuracy'], '.3f')}, "
+            f"ASR {value(stats['asr'], '.3f')}, DER {value(stats['der'], '.3f')}, "
+            f"relearn steps {value(stats['relearn_steps'], '.0f')}"
+            for trigger, methods in summary["table"].items() for method, stats in methods.items()]
 
 
 # ---- summary ----------------------------------------------------------------------------------------
@@ -299,7 +322,7 @@ def method_rows(config: DistillConfig, result: dict) -> dict[str, dict]:
     rows = {}
     for method, run in {BACKDOORED: BACKDOORED, FINETUNE: FINETUNE, **result["finals"], CLEAN: CLEAN}.items():
         curve = result["relearn"].get(method)
-        steps = 0 if curve is None else step_reaching(list(curve), list(curve.values()), level)
+        steps = 0 if curve is None else step_reaching([step for step, _ in curve], [asr for _, asr in curve], level)
         rows[method] = {**result["models"][run], "relearn_steps": steps}
     return rows
 
@@ -322,13 +345,12 @@ def summarize(config: DistillConfig, out: Path, per_seed: dict, seconds: dict) -
                                   for k in range(d.rounds + 1)] for init in d.inits}
         relearn[trigger] = {
             "level": mean_std([d.relearn_level * (r["models"][BACKDOORED]["asr"] or 0.0) for r in results]),
-            "curves": {method: [[[step, asr] for step, asr in r["relearn"][method].items()] for r in results]
-                       for method in methods if method in results[0]["relearn"]},
+            "curves": {method: [r["relearn"][method] for r in results] for method in methods if method in results[0]["relearn"]},
         }
     guards = [read_json(path) for path in sorted(out.glob("seed*/*/*/guard.json"))]
     clean_steps = len(config.seeds) * len(d.triggers) * d.distill_steps * (1 + len(d.inits) * d.rounds)
     return {
-        "kind": "distill", "name": config.name, "suite": config.data.suite, "seeds": config.seeds,
+        "name": config.name, "suite": config.data.suite, "seeds": config.seeds,
         "triggers": d.triggers, "inits": d.inits, "rounds": d.rounds, "methods": methods, "target": d.target,
         "poison_ratio": d.poison_ratio, "relearn_steps": d.relearn_steps, "relearn_level": d.relearn_level,
         "table": table, "rounds_table": rounds, "relearn": relearn, "per_seed": rows,
@@ -337,3 +359,6 @@ def summarize(config: DistillConfig, out: Path, per_seed: dict, seconds: dict) -
                   "triggered_rows": sum(g["triggered_rows"] for g in guards)},
         "seconds": seconds,
     }
+
+
+PROTOCOL = Protocol("distill", DistillConfig, check_distill_config, run, headline, distill_report, "a distill experiment")

@@ -37,17 +37,17 @@ from pydantic import Field
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
-from capshape.experiments.executor import Cell, run_cells
-from capshape.experiments.unlearn import RoutingSection
-from capshape.experiments.unlearn_methods import FORGET, RETAIN
+from capshape.experiments.executor import Cell
+from capshape.experiments.kit import Protocol, Runtime, execute
 from capshape.metrics import step_reaching, steps_to_fraction
 from capshape.metrics.stats import t_interval
 from capshape.models import build_model
 from capshape.routing import Routes, contract_mlp
-from capshape.runstore import RunDir, output_directory, read_json, run_name, write_json
+from capshape.routing.era import FORGET, RETAIN, RoutingSection
+from capshape.report.overhang import overhang_report
+from capshape.runstore import RunDir, read_json, run_name, write_json
 from capshape.tasks import TASKS, TOKENS
-from capshape.train import check_config, load_model, save_model, train_run
-from capshape.train.preflight import preflight
+from capshape.train import StepHooks, check_config, load_model, save_model, train_run
 
 Regime = Literal["mean_zipf", "grouped_zipf", "uniform", "routed_ablated", "never_trained"]
 REFERENCE, ROUTED = "never_trained", "routed_ablated"
@@ -116,10 +116,11 @@ def phase2_config(config: OverhangConfig, init_from: Path) -> RunConfig:
                      data=_natural_data(config, o.tasks, []), model=config.model, train=train)
 
 
-def phase1_cell(config: OverhangConfig, regime: str, seed: int, out: Path, on_progress=None) -> None:
+def phase1_cell(config: OverhangConfig, regime: str, seed: int, out: Path, device: str = "cpu",
+                on_progress=None) -> None:
     run_config = phase1_config(config, regime)
     if regime != ROUTED:
-        train_run(run_config, run_config.objectives[0], seed, out, resume=True, on_progress=on_progress)
+        train_run(run_config, run_config.objectives[0], seed, out, resume=True, on_progress=on_progress, device=device)
         return
     routing = config.overhang.routing
     torch.manual_seed(seed)
@@ -127,8 +128,9 @@ def phase1_cell(config: OverhangConfig, regime: str, seed: int, out: Path, on_pr
     expansion = routing.expand(model, seed)
     routes = Routes([FORGET if task == config.overhang.target else RETAIN for task in run_config.data.tasks])
     write_json(out / "expansion.json", expansion.to_json())
-    train_run(run_config, "mean", seed, out, resume=True, on_progress=on_progress, hooks=routing.hooks(expansion, routes),
-              model=model)
+    train_run(run_config, "mean", seed, out, resume=True, on_progress=on_progress, hooks=StepHooks.of(routing.step(expansion, routes)),
+              model=model, device=device)
+    model = model.cpu()
     load_model(out / "model.safetensors", model)
     contract_mlp(model, expansion)
     save_model(out / "ablated.safetensors", model)
@@ -139,29 +141,36 @@ def phase2_start(regime: str) -> str:
     return "ablated.safetensors" if regime == ROUTED else "model.safetensors"
 
 
-def phase2_cell(config: OverhangConfig, seed: int, init_from: Path, out: Path, on_progress=None) -> None:
-    train_run(phase2_config(config, init_from), "mean", seed, out, resume=True, on_progress=on_progress)
+def phase2_cell(config: OverhangConfig, seed: int, init_from: Path, out: Path, device: str = "cpu",
+                on_progress=None) -> None:
+    train_run(phase2_config(config, init_from), "mean", seed, out, resume=True, on_progress=on_progress, device=device)
 
 
-def run_overhang(config: OverhangConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
-    check_overhang_config(config)
-    preflight(config)
-    with output_directory(out, config.model_dump(mode="json"), resume, "an overhang experiment") as out:
-        o = config.overhang
-        specs = [(regime, seed) for regime in o.regimes for seed in o.seeds]
-        failures = run_cells([Cell(f"phase 1 {run_name(r, s)}", phase1_cell, o.phase1_steps,
-                                   dict(config=config, regime=r, seed=s, out=out / "phase1" / run_name(r, s)))
-                              for r, s in specs], config.workers, show_progress)
-        ready = [(r, s) for r, s in specs if (out / "phase1" / run_name(r, s) / phase2_start(r)).is_file()
-                 and RunDir(out / "phase1" / run_name(r, s)).status()["status"] == "finished"]
-        failures |= run_cells([Cell(f"phase 2 {run_name(r, s)}", phase2_cell, o.phase2_steps,
-                                    dict(config=config, seed=s, init_from=out / "phase1" / run_name(r, s) / phase2_start(r),
-                                         out=out / "phase2" / run_name(r, s)))
-                               for r, s in ready], config.workers, show_progress)
-        summary = summarize(config, out)
-        summary["failed"] = failures
-        write_json(out / "summary.json", summary)
-        return summary
+def run(config: OverhangConfig, out: Path, runtime: Runtime) -> dict:
+    """Two waves of cells on the kit's executor: every phase-1 run, then phase 2 from each that finished."""
+    o = config.overhang
+    specs = [(regime, seed) for regime in o.regimes for seed in o.seeds]
+    failures = execute([Cell(f"phase 1 {run_name(r, s)}", phase1_cell, o.phase1_steps,
+                             dict(config=config, regime=r, seed=s, out=out / "phase1" / run_name(r, s), device=runtime.device))
+                        for r, s in specs], config, runtime)
+    ready = [(r, s) for r, s in specs if (out / "phase1" / run_name(r, s) / phase2_start(r)).is_file()
+             and RunDir(out / "phase1" / run_name(r, s)).status()["status"] == "finished"]
+    failures |= execute([Cell(f"phase 2 {run_name(r, s)}", phase2_cell, o.phase2_steps,
+                              dict(config=config, seed=s, init_from=out / "phase1" / run_name(r, s) / phase2_start(r),
+                                   out=out / "phase2" / run_name(r, s), device=runtime.device))
+                         for r, s in ready], config, runtime)
+    return {**summarize(config, out), "failed": failures}
+
+
+def headline(summary: dict) -> list:
+    lines = []
+    for regime, stats in summary["regimes"].items():
+        saved = stats["steps_saved_vs_never_trained"]["mean"]
+        lines.append(f"{regime:>14}: target acc entering phase 2 {stats['phase2_start_accuracy']['mean']:.3f}, "
+                     f"phase-2 AUC {stats['auc']['mean']:.3f}"
+                     + ("" if saved is None else f", steps saved vs never trained {saved:+.0f}")
+                     + (" (overhang)" if stats["overhang"] else ""))
+    return lines
 
 
 def target_curve(run: Path, target: str) -> tuple[list[int], list[float]]:
@@ -235,6 +244,10 @@ def summarize(config: OverhangConfig, out: Path) -> dict:
                                     for task, stats in tasks.items()}
                            for regime, tasks in by_regime.items()}
                    for phase, by_regime in composition.items()}
-    return {"kind": "overhang", "target": o.target, "threshold": o.threshold, "regimes": regimes,
+    return {"target": o.target, "threshold": o.threshold, "regimes": regimes,
             "composition": composition,
             "runs": [f"{phase}/{run_name(r, s)}" for phase in ("phase1", "phase2") for r in o.regimes for s in o.seeds]}
+
+
+PROTOCOL = Protocol("overhang", OverhangConfig, check_overhang_config, run, headline, overhang_report,
+                    "an overhang experiment")

@@ -34,14 +34,15 @@ from pydantic import Field
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
-from capshape.experiments.executor import Cell, run_cells
+from capshape.experiments.executor import Cell
+from capshape.experiments.kit import Protocol, Runtime, execute
 from capshape.experiments.transfer_proxy import AffinityProbe
 from capshape.experiments.transfer_stats import METRICS, from_json, metric_stats, rank_agreement, ranked_pairs
-from capshape.runstore import RunDir, output_directory, read_json, write_json
+from capshape.report.transfer import transfer_report
+from capshape.runstore import RunDir, read_json, write_json
 from capshape.models import build_model
 from capshape.tasks import TASKS, TOKENS
 from capshape.train import StepHooks, check_config, load_model, train_run
-from capshape.train.preflight import preflight
 
 BASELINE = "none"  # the source-task label of B-only cells in directory names
 
@@ -201,19 +202,20 @@ def loop_seconds(run: Path) -> float:
 
 # ---- cells: module-level functions run in worker processes --------------------------------------
 
-def pretrain_cell(config: TransferConfig, out: Path, on_progress=None) -> None:
+def pretrain_cell(config: TransferConfig, out: Path, device: str = "cpu", on_progress=None) -> None:
     train_run(pretrain_config(config), "mean", config.transfer.seeds[0], Path(out) / "base", resume=True,
-              on_progress=on_progress)
+              on_progress=on_progress, device=device)
 
 
-def stage_a_cell(config: TransferConfig, task: str, seed: int, out: Path, on_progress=None) -> None:
+def stage_a_cell(config: TransferConfig, task: str, seed: int, out: Path, device: str = "cpu", on_progress=None) -> None:
     t = config.transfer
     others = [b for b in t.tasks if b != task]
     train_run(finetune_config(config, [task], t.n_a, t.steps_a, t.batch_a, base_path(config, out), others),
-              "mean", seed, stage_a_dir(out, task, seed), resume=True, on_progress=on_progress)
+              "mean", seed, stage_a_dir(out, task, seed), resume=True, on_progress=on_progress, device=device)
 
 
-def transfer_cell(config: TransferConfig, a: Optional[str], b: str, seed: int, out: Path, on_progress=None) -> dict:
+def transfer_cell(config: TransferConfig, a: Optional[str], b: str, seed: int, out: Path, device: str = "cpu",
+                  on_progress=None) -> dict:
     """Stage B of A->B (from stage A's model) or of the B-only baseline (from the base); writes cell.json."""
     t, out = config.transfer, Path(out)
     start = base_path(config, out)
@@ -224,7 +226,7 @@ def transfer_cell(config: TransferConfig, a: Optional[str], b: str, seed: int, o
         start = stage_a / "model.safetensors"
     directory = cell_dir(out, a, b, seed)
     train_run(finetune_config(config, [b], t.n_b, t.steps_b, t.batch_b, start), "mean", seed,
-              directory / "stage_b", resume=True, on_progress=on_progress)
+              directory / "stage_b", resume=True, on_progress=on_progress, device=device)
     rows = RunDir(directory / "stage_b").read_metrics()
     result = {"a": a, "b": b, "seed": seed, "n_a": t.n_a if a else 0, "n_b": t.n_b,
               "stage_a": None if a is None else str(stage_a_dir(out, a, seed).relative_to(out)),
@@ -235,7 +237,7 @@ def transfer_cell(config: TransferConfig, a: Optional[str], b: str, seed: int, o
     return result
 
 
-def proxy_cell(config: TransferConfig, out: Path, on_progress=None) -> None:
+def proxy_cell(config: TransferConfig, out: Path, device: str = "cpu", on_progress=None) -> None:
     """One multi-task run on the grid's tasks from the base, with the affinity probe; writes proxy.json."""
     t, directory = config.transfer, Path(out) / "proxy"
     run_config = finetune_config(config, t.tasks, t.n_a, t.proxy_steps, t.batch_a * len(t.tasks),
@@ -243,7 +245,7 @@ def proxy_cell(config: TransferConfig, out: Path, on_progress=None) -> None:
     probe = AffinityProbe(len(t.tasks), t.proxy_every, t.proxy_lr)
     if directory.exists():  # an interrupted probe's sums are lost with its process: measure again
         shutil.rmtree(directory)
-    train_run(run_config, "mean", t.seeds[0], directory, on_progress=on_progress,
+    train_run(run_config, "mean", t.seeds[0], directory, on_progress=on_progress, device=device,
               hooks=StepHooks(after_backward=probe))
     write_json(directory / "proxy.json", {"tasks": t.tasks, **probe.result(), "seconds": loop_seconds(directory)})
 
@@ -257,37 +259,45 @@ def cell_specs(config: TransferConfig) -> list[tuple[Optional[str], str, int]]:
     return [(a, b, seed) for a, b in pairs for seed in t.seeds]
 
 
-def run_transfer(config: TransferConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
-    check_transfer_config(config)
-    preflight(config)
+def run(config: TransferConfig, out: Path, runtime: Runtime) -> dict:
+    """Waves of cells on the kit's executor: the base; every stage A, baseline and the proxy; every A->B."""
     t = config.transfer
-    with output_directory(out, stored_config(config), resume, "a transfer grid") as out:
-        failures: dict[str, str] = {}
-        wall: dict[str, float] = {}
+    failures: dict[str, str] = {}
+    wall: dict[str, float] = {}
 
-        def wave(name: str, cells: list[Cell]) -> None:
-            if cells:
-                started = time.perf_counter()
-                failures.update(run_cells(cells, config.workers, show_progress))
-                wall[name] = time.perf_counter() - started
+    def wave(name: str, cells: list[Cell]) -> None:
+        if cells:
+            started = time.perf_counter()
+            failures.update(execute(cells, config, runtime))
+            wall[name] = time.perf_counter() - started
 
-        if t.base is None and t.pretrain_tasks and not finished(out / "base"):
-            wave("base", [Cell("base", pretrain_cell, t.pretrain_steps, dict(config=config, out=out))])
-            if "base" in failures:
-                raise CapshapeError(f"pre-training the base failed: {failures['base']} (see {out / 'base'}).")
-        todo = [spec for spec in cell_specs(config) if not (cell_dir(out, *spec) / "cell.json").exists()]
-        first = [Cell(f"A {a} seed{seed}", stage_a_cell, t.steps_a, dict(config=config, task=a, seed=seed, out=out))
-                 for a in t.tasks for seed in t.seeds
-                 if any(spec[0] == a and spec[2] == seed for spec in todo) and not finished(stage_a_dir(out, a, seed))]
-        if t.proxy_steps and not (out / "proxy" / "proxy.json").exists():
-            first.append(Cell("proxy", proxy_cell, t.proxy_steps, dict(config=config, out=out)))
-        cells = {spec: Cell(f"{spec[0] or BASELINE}->{spec[1]} seed{spec[2]}", transfer_cell, t.steps_b,
-                            dict(config=config, a=spec[0], b=spec[1], seed=spec[2], out=out)) for spec in todo}
-        wave("stage_a_baselines_proxy", first + [cell for spec, cell in cells.items() if spec[0] is None])
-        wave("a_then_b", [cell for spec, cell in cells.items() if spec[0] is not None])
-        summary = summarize(config, out, failures, wall)
-        write_json(out / "summary.json", summary)
-        return summary
+    shared = dict(config=config, out=out, device=runtime.device)
+    if t.base is None and t.pretrain_tasks and not finished(out / "base"):
+        wave("base", [Cell("base", pretrain_cell, t.pretrain_steps, shared)])
+        if "base" in failures:
+            raise CapshapeError(f"pre-training the base failed: {failures['base']} (see {out / 'base'}).")
+    todo = [spec for spec in cell_specs(config) if not (cell_dir(out, *spec) / "cell.json").exists()]
+    first = [Cell(f"A {a} seed{seed}", stage_a_cell, t.steps_a, dict(shared, task=a, seed=seed))
+             for a in t.tasks for seed in t.seeds
+             if any(spec[0] == a and spec[2] == seed for spec in todo) and not finished(stage_a_dir(out, a, seed))]
+    if t.proxy_steps and not (out / "proxy" / "proxy.json").exists():
+        first.append(Cell("proxy", proxy_cell, t.proxy_steps, shared))
+    cells = {spec: Cell(f"{spec[0] or BASELINE}->{spec[1]} seed{spec[2]}", transfer_cell, t.steps_b,
+                        dict(shared, a=spec[0], b=spec[1], seed=spec[2])) for spec in todo}
+    wave("stage_a_baselines_proxy", first + [cell for spec, cell in cells.items() if spec[0] is None])
+    wave("a_then_b", [cell for spec, cell in cells.items() if spec[0] is not None])
+    return summarize(config, out, failures, wall)
+
+
+def headline(summary: dict) -> list:
+    lines = []
+    for metric, stats in summary["metrics"].items():
+        ranked = stats["ranked"]
+        if ranked:
+            best, worst = ranked[0], ranked[-1]
+            lines.append(f"{metric:>9} transfer ({stats['unit']}): most {best['a']}→{best['b']} {best['mean']:+.3g}, "
+                         f"least {worst['a']}→{worst['b']} {worst['mean']:+.3g}")
+    return lines
 
 
 def summarize(config: TransferConfig, out: Path, failures: dict[str, str], wall: dict[str, float]) -> dict:
@@ -306,7 +316,7 @@ def summarize(config: TransferConfig, out: Path, failures: dict[str, str], wall:
                "stage_a": sum(loop_seconds(run) for run in stage_a if run.exists()),
                "stage_b": sum(c["seconds"] for c in cells)}
     summary = {
-        "kind": "transfer", "name": config.name, "tasks": t.tasks, "seeds": t.seeds, "n_a": t.n_a, "n_b": t.n_b,
+        "name": config.name, "tasks": t.tasks, "seeds": t.seeds, "n_a": t.n_a, "n_b": t.n_b,
         "cells": len(cells), "expected_cells": len(cell_specs(config)), "failed": failures,
         "base": str(base_path(config, out)) if base_path(config, out) else None,
         "base_eval": base_eval, "metrics": metrics,
@@ -326,3 +336,7 @@ def summarize_proxy(out: Path, metrics: dict, grid_seconds: float) -> Optional[d
                     for name in ("lookahead", "cosine")}
     return {**proxy, "spearman": correlations, "grid_seconds": grid_seconds,
             "relative_cost": proxy["seconds"] / grid_seconds if grid_seconds else None}
+
+
+PROTOCOL = Protocol("transfer", TransferConfig, check_transfer_config, run, headline, transfer_report, "a transfer grid",
+                    stored_config)

@@ -23,79 +23,37 @@ autoencoder experiment on real data.
     OUT/relearn/<method>/n<n>-seed<s>/  relearning runs;  OUT/relearn/<method>.json
     OUT/partial/u<fraction>/{era,filter}/  the partial-label sweep;  OUT/digits/  the digits split
 
-A stage whose result file exists is never recomputed (`--resume`); interrupted training runs continue
-from their checkpoints, an interrupted coherence fine-tune restarts (its best-step memory is lost).
+Each method is a small class registered in `METHODS` (one line); its training is one cell of the
+kit's executor. Waves: the methods that train from scratch (plain, filter, era), the partial-label
+sweep and the digits split; then those that start from the plain model; then one relearning cell per
+method. A stage whose result file exists is never recomputed (`--resume`); interrupted training runs
+continue from their checkpoints, an interrupted coherence fine-tune restarts (its best-step memory is lost).
 """
 from __future__ import annotations
 
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-from pydantic import Field
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from pydantic import Field, field_validator
 
-from capshape.config import ModelConfig, RunConfig, Section
+from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.digits_split import DigitsSplitSection, run_digits_split
+from capshape.experiments.executor import Cell
+from capshape.experiments.kit import CellProgress, Protocol, Runtime, execute, raise_failures
 from capshape.experiments.relearn import run_relearning, steps_to_common_target
-from capshape.experiments.unlearn_methods import (FORGET, RETAIN, RMU, GradientAscentLosses, KeepBest, era_hooks,
-                                                  filter_hooks)
+from capshape.experiments.unlearn_hooks import RMU, GradientAscentLosses, KeepBest, filter_hooks
 from capshape.models import build_model
-from capshape.routing import Expansion, Routes, contract_mlp, expand_mlp
-from capshape.runstore import output_directory, read_json, write_json
+from capshape.report.unlearn import unlearn_report
+from capshape.routing import Routes, contract_mlp
+from capshape.routing.era import FORGET, RETAIN, RoutingSection
+from capshape.runstore import read_json, write_json
 from capshape.tasks import TOKENS
 from capshape.train import StepHooks, check_config, evaluate, load_model, prepare_data, save_model, train_run
-from capshape.train.preflight import preflight
-
-METHODS = ("plain", "filter", "era", "gradient_ascent", "rmu")
-Method = Literal["filter", "era", "gradient_ascent", "rmu"]
-
-
-class MaskValues(Section):
-    original: float = Field(description="Mask on the MLP's original units (1: gradient passes, 0: stopped, <0: flipped).")
-    expanded: float = Field(description="Mask on the added units.")
-
-
-class RoutingSection(Section):
-    """Expand and route (the E and R of ERA): which units a routed example's gradient reaches. Shared by
-    `unlearn` (era) and `overhang` (routed_ablated)."""
-
-    blocks: Optional[list[int]] = Field(None, description="Blocks whose MLP is expanded (null: every block).")
-    neurons: int = Field(64, gt=0, description="Units added to each expanded MLP (ablated after training).")
-    init_std: float = Field(0.02, ge=0, description="Std of the added up-projection rows; added down columns start at 0.")
-    forget_mask: MaskValues = Field(MaskValues(original=0.0, expanded=1.0), description="Masks at blocks.i.mlp.hidden "
-                                    "for forget examples (the published TinyStories setting uses original = -0.75).")
-    retain_mask: MaskValues = Field(MaskValues(original=1.0, expanded=0.0), description="Masks for retain examples.")
-    positions: Literal["all", "target"] = Field("all", description="'all': every position of a forget example is "
-                                                "routed; 'target': only positions that predict target tokens.")
-    route_parameters: bool = Field(False, description="Also route at the parameter level: forget examples update "
-                                   "only the added units' parameters (see routing/README.md: at this scale it stops "
-                                   "the forget tasks from being learned at all). false: activation masks alone, as published.")
-    l1: float = Field(0.01, ge=0, description="L1 penalty on the added units' activations of retain examples "
-                      "(0: retain data uses the added units and ablation hurts it; 0.03: forget data avoids them).")
-
-    def check(self, model: ModelConfig, field: str) -> None:
-        """Raises CapshapeError, naming `field`, when `model` has no MLP blocks to expand as listed."""
-        if model.kind != "transformer":
-            raise CapshapeError(f"{field}: routing expands transformer MLPs: set model.kind='transformer'.")
-        bad = [b for b in self.blocks or [] if not 0 <= b < model.n_layer]
-        if bad:
-            raise CapshapeError(f"{field}.blocks: block {bad[0]} does not exist (model.n_layer = {model.n_layer}): "
-                                f"use 0..{model.n_layer - 1}.")
-
-    def expand(self, model, seed: int) -> Expansion:
-        """Adds the routed units to `model`'s MLPs, in place."""
-        return expand_mlp(model, self.blocks, self.neurons, self.init_std, torch.Generator().manual_seed(seed))
-
-    def hooks(self, expansion: Expansion, routes: Routes, route_parameters: Optional[bool] = None) -> StepHooks:
-        """The step hooks that route `routes`' route 1 (forget) to the added units."""
-        return era_hooks(expansion, routes, (self.forget_mask.original, self.forget_mask.expanded),
-                         (self.retain_mask.original, self.retain_mask.expanded), self.positions, self.l1,
-                         self.route_parameters if route_parameters is None else route_parameters)
 
 
 class ERASection(RoutingSection):
@@ -130,8 +88,8 @@ class RelearnSection(Section):
 
 class UnlearnSection(Section):
     forget: list[str] = Field(["mul"], min_length=1, description="Tasks to unlearn, each in data.tasks; the others are retained.")
-    methods: list[Method] = Field(["filter", "era", "gradient_ascent", "rmu"], min_length=1,
-                                  description="Methods compared with the plain model (always trained).")
+    methods: list[str] = Field(["filter", "era", "gradient_ascent", "rmu"], min_length=1,
+                               description="Methods compared with the plain model (always trained): names in METHODS.")
     post_steps: int = Field(100, gt=0, description="Steps after pre-training: ERA's coherence fine-tune, gradient ascent, RMU.")
     unlabelled: list[float] = Field([0.5, 0.9], description="Partial-label sweep: shares of forget examples without "
                                     "a label (trained as retain) for era and filter; 0 is the main run. [] skips it.")
@@ -140,6 +98,14 @@ class UnlearnSection(Section):
     rmu: RMUSection = RMUSection()
     relearn: RelearnSection = RelearnSection()
     digits: DigitsSplitSection = DigitsSplitSection()
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        unknown = [m for m in methods if m not in METHODS or m == "plain"]
+        if unknown:
+            raise ValueError(f"'{unknown[0]}' is not an unlearning method: use {', '.join(m for m in METHODS if m != 'plain')}")
+        return methods
 
 
 class UnlearnConfig(RunConfig):
@@ -214,20 +180,20 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
                             f"(e.g. 'blocks.0.mlp.', 'blocks.0.').")
 
 
-# ---- shared pieces ------------------------------------------------------------------------------
+# ---- what every method needs ---------------------------------------------------------------------
 
-class Context:
-    """What every stage needs: the config, output folder, seed, held-out data of every task, progress bars."""
+class UnlearnSetup:
+    """The config, output folder and seed, the forget and retain tasks and every task's held-out data."""
 
-    def __init__(self, config: UnlearnConfig, out: Path, progress: Callable[[str, int], Optional[Callable]]):
-        self.config, self.out, self.progress = config, Path(out), progress
+    def __init__(self, config: UnlearnConfig, out: Path, device: str = "cpu"):
+        self.config, self.out, self.device = config, Path(out), device
         self.seed, self.objective = config.seeds[0], config.objectives[0]
         self.forget, self.retain = list(config.unlearn.forget), retain_tasks(config)
         self.data = prepare_data(pretrain_config(config), self.seed).data  # every task, with its held-out set
         self.retain_data = [d for d in self.data if d.task.name in self.retain]
 
     def routes(self, labelled: float = 1.0) -> Routes:
-        """Route per trained task (data.tasks order): forget tasks -> 1, retain -> 0."""
+        """Route per trained task (data.tasks order): forget tasks -> FORGET, retain -> RETAIN."""
         return Routes([FORGET if t in self.forget else RETAIN for t in self.config.data.tasks], labelled)
 
     def fresh_model(self):
@@ -239,18 +205,31 @@ class Context:
         load_model(path, model)
         return model
 
+    def expanded_model(self):
+        model = self.fresh_model()
+        return model, self.config.unlearn.era.expand(model, self.seed)
+
     def measure(self, model) -> dict:
         """Every task's held-out metrics, and the means over forget and retain tasks."""
-        tasks = evaluate(model, self.data, "cpu")
+        tasks = evaluate(model.cpu(), self.data, "cpu")
         mean = lambda names, key: float(np.mean([tasks[t][key] for t in names]))
         return {"tasks": tasks, **{side: {key: mean(names, key) for key in ("loss", "accuracy", "token_accuracy")}
                                    for side, names in (("forget", self.forget), ("retain", self.retain))}}
 
+    def train(self, config: RunConfig, directory: Path, progress: CellProgress, **options) -> Path:
+        """One `train_run` of this setup's objective and seed; returns its model file."""
+        train_run(config, self.objective, self.seed, directory, resume=True, device=self.device,
+                  on_progress=progress.stage(config.train.steps), **options)
+        return directory / "model.safetensors"
+
     def relative(self, path: Path) -> str:
         return str(Path(path).relative_to(self.out))
 
+    def plain_model(self) -> Path:
+        return self.out / read_json(method_dir(self.out, "plain") / "result.json")["model"]
 
-def _cached(path: Path, compute: Callable[[], dict]) -> dict:
+
+def cached(path: Path, compute: Callable[[], dict]) -> dict:
     """The stored result at `path`, else computed, timed and stored."""
     if path.exists():
         return read_json(path)
@@ -261,75 +240,127 @@ def _cached(path: Path, compute: Callable[[], dict]) -> dict:
     return result
 
 
-# ---- methods: each returns {"stages": {stage: measurement}, "model": final model path} -----------
+# ---- methods: each trains into its directory and returns {"stages": {stage: measurement}, "model": path} --
 
-def train_plain(ctx: Context, directory: Path, labelled: float = 1.0, filtered: bool = False) -> dict:
-    """plain (filtered=False, labelled=1), filter (filtered=True: forget tasks evaluated only), or filter
-    with partial labels (filtered=True, labelled<1: labelled forget examples get no loss)."""
-    partial = filtered and labelled < 1
-    config = pretrain_config(ctx.config, filtered and not partial)
-    hooks = filter_hooks(ctx.routes(labelled)) if partial else None
-    train_run(config, ctx.objective, ctx.seed, directory / "train", resume=True, hooks=hooks,
-              on_progress=ctx.progress(ctx.relative(directory), config.train.steps))
-    path = directory / "train" / "model.safetensors"
-    return {"stages": {"final": ctx.measure(ctx.load(path))}, "model": ctx.relative(path)}
+class UnlearnMethod:
+    """One way to remove the forget tasks. `from_plain`: it edits the trained plain model (so it runs after
+    plain); `partial_labels`: the partial-label sweep repeats it with a share of forget examples unlabelled."""
+
+    name = ""
+    from_plain = False
+    partial_labels = False
+
+    def steps(self, config: UnlearnConfig) -> int:
+        """Training steps of one run of the method (its progress bar)."""
+        return config.unlearn.post_steps if self.from_plain else config.train.steps
+
+    def run(self, setup: UnlearnSetup, directory: Path, progress: CellProgress, labelled: float = 1.0) -> dict:
+        raise NotImplementedError
+
+    def reference_model(self, setup: UnlearnSetup):
+        """The model before unlearning, whose forget accuracy relearning tries to recover: the plain model."""
+        return setup.load(setup.plain_model())
 
 
-def expanded_model(ctx: Context):
-    model = ctx.fresh_model()
-    return model, ctx.config.unlearn.era.expand(model, ctx.seed)
+class Plain(UnlearnMethod):
+    """Trained on everything: the model every other method is compared with."""
+
+    name = "plain"
+
+    def run(self, setup, directory, progress, labelled=1.0):
+        path = setup.train(pretrain_config(setup.config), directory / "train", progress)
+        return {"stages": {"final": setup.measure(setup.load(path))}, "model": setup.relative(path)}
 
 
-def train_era(ctx: Context, directory: Path, labelled: float = 1.0) -> dict:
+class Filter(UnlearnMethod):
+    """Never trained on the forget tasks (evaluated only); with partial labels, the labelled forget examples
+    get no loss and the unlabelled ones are trained as retain."""
+
+    name = "filter"
+    partial_labels = True
+
+    def run(self, setup, directory, progress, labelled=1.0):
+        partial = labelled < 1
+        config = pretrain_config(setup.config, filtered=not partial)
+        hooks = filter_hooks(setup.routes(labelled)) if partial else None
+        path = setup.train(config, directory / "train", progress, hooks=hooks)
+        return {"stages": {"final": setup.measure(setup.load(path))}, "model": setup.relative(path)}
+
+
+class ERA(UnlearnMethod):
     """Expand, train with routing, ablate (contract), optional coherence fine-tune on retain data."""
-    u = ctx.config.unlearn.era
-    model, expansion = expanded_model(ctx)
-    hooks = u.hooks(expansion, ctx.routes(labelled))
-    config = pretrain_config(ctx.config)
-    write_json(directory / "expansion.json", expansion.to_json())
-    train_run(config, ctx.objective, ctx.seed, directory / "train", resume=True, hooks=hooks, model=model,
-              on_progress=ctx.progress(ctx.relative(directory), config.train.steps))
-    load_model(directory / "train" / "model.safetensors", model)
-    stages = {"trained": ctx.measure(model)}
-    contract_mlp(model, expansion)
-    stages["ablated"] = ctx.measure(model)
-    result = {"stages": stages}
-    if u.coherence:
-        keep = KeepBest(ctx.retain_data, u.select_every)
-        shutil.rmtree(directory / "coherence", ignore_errors=True)  # its best-step memory died with its process
-        coherence = post_config(ctx.config, ctx.retain, ctx.forget, u.coherence_lr)
-        train_run(coherence, ctx.objective, ctx.seed, directory / "coherence", hooks=StepHooks(after_backward=keep),
-                  model=model, on_progress=ctx.progress(f"{ctx.relative(directory)} coherence", coherence.train.steps))
-        result["selection"] = keep.finish(model, coherence.train.steps)
-    stages["final"] = ctx.measure(model)
-    save_model(directory / "model.safetensors", model)
-    return {**result, "model": ctx.relative(directory / "model.safetensors"), "expansion": expansion.to_json()}
+
+    name = "era"
+    partial_labels = True
+
+    def steps(self, config):
+        return config.train.steps + (config.unlearn.post_steps if config.unlearn.era.coherence else 0)
+
+    def run(self, setup, directory, progress, labelled=1.0):
+        era = setup.config.unlearn.era
+        model, expansion = setup.expanded_model()
+        write_json(directory / "expansion.json", expansion.to_json())
+        setup.train(pretrain_config(setup.config), directory / "train", progress,
+                    hooks=StepHooks.of(era.step(expansion, setup.routes(labelled))), model=model)
+        load_model(directory / "train" / "model.safetensors", model)
+        stages = {"trained": setup.measure(model)}
+        contract_mlp(model, expansion)
+        stages["ablated"] = setup.measure(model)
+        result = {"stages": stages}
+        if era.coherence:
+            keep = KeepBest(setup.retain_data, era.select_every)
+            shutil.rmtree(directory / "coherence", ignore_errors=True)  # its best-step memory died with its process
+            coherence = post_config(setup.config, setup.retain, setup.forget, era.coherence_lr)
+            setup.train(coherence, directory / "coherence", progress, hooks=StepHooks(after_backward=keep), model=model)
+            result["selection"] = keep.finish(model, coherence.train.steps)
+        stages["final"] = setup.measure(model)
+        save_model(directory / "model.safetensors", model)
+        return {**result, "model": setup.relative(directory / "model.safetensors"), "expansion": expansion.to_json()}
+
+    def reference_model(self, setup):
+        """The routed model before ablation."""
+        model, _ = setup.expanded_model()
+        load_model(method_dir(setup.out, self.name) / "train" / "model.safetensors", model)
+        return model
 
 
-def train_gradient_ascent(ctx: Context, directory: Path, plain: Path) -> dict:
-    g = ctx.config.unlearn.gradient_ascent
-    config = post_config(ctx.config, ctx.config.data.tasks, [], g.lr, plain)
-    hooks = StepHooks(losses=GradientAscentLosses(ctx.routes(), g.forget_weight, g.loss_cap))
-    train_run(config, ctx.objective, ctx.seed, directory / "train", resume=True, hooks=hooks,
-              on_progress=ctx.progress(ctx.relative(directory), config.train.steps))
-    path = directory / "train" / "model.safetensors"
-    return {"stages": {"final": ctx.measure(ctx.load(path))}, "model": ctx.relative(path)}
+class GradientAscent(UnlearnMethod):
+    """The plain model, then post_steps of ascent on forget examples with a retain term."""
+
+    name = "gradient_ascent"
+    from_plain = True
+
+    def run(self, setup, directory, progress, labelled=1.0):
+        g = setup.config.unlearn.gradient_ascent
+        config = post_config(setup.config, setup.config.data.tasks, [], g.lr, setup.plain_model())
+        hooks = StepHooks(losses=GradientAscentLosses(setup.routes(), g.forget_weight, g.loss_cap))
+        path = setup.train(config, directory / "train", progress, hooks=hooks)
+        return {"stages": {"final": setup.measure(setup.load(path))}, "model": setup.relative(path)}
 
 
-def train_rmu(ctx: Context, directory: Path, plain: Path) -> dict:
-    r = ctx.config.unlearn.rmu
-    reference = torch.cat([d.held_out.inputs[:64] for d in ctx.data])
-    rmu = RMU(ctx.load(plain), f"blocks.{r.layer}.resid_post", ctx.routes(), r.steering, r.alpha, r.trainable,
-              reference, ctx.seed)
-    config = post_config(ctx.config, ctx.config.data.tasks, [], r.lr, plain)
-    train_run(config, ctx.objective, ctx.seed, directory / "train", resume=True, hooks=rmu.hooks(),
-              on_progress=ctx.progress(ctx.relative(directory), config.train.steps))
-    path = directory / "train" / "model.safetensors"
-    return {"stages": {"final": ctx.measure(ctx.load(path))}, "model": ctx.relative(path),
-            "steering_norm": rmu.steering_norm}
+class RepresentationMisdirection(UnlearnMethod):
+    """The plain model, then post_steps of RMU (Li et al. 2024)."""
+
+    name = "rmu"
+    from_plain = True
+
+    def run(self, setup, directory, progress, labelled=1.0):
+        r = setup.config.unlearn.rmu
+        plain = setup.plain_model()
+        reference = torch.cat([d.held_out.inputs[:64] for d in setup.data])
+        rmu = RMU(setup.load(plain), f"blocks.{r.layer}.resid_post", setup.routes(), r.steering, r.alpha, r.trainable,
+                  reference, setup.seed)
+        config = post_config(setup.config, setup.config.data.tasks, [], r.lr, plain)
+        path = setup.train(config, directory / "train", progress, hooks=StepHooks.of(rmu))
+        return {"stages": {"final": setup.measure(setup.load(path))}, "model": setup.relative(path),
+                "steering_norm": rmu.steering_norm}
 
 
-# ---- the protocol ---------------------------------------------------------------------------------
+METHODS: dict[str, UnlearnMethod] = {m.name: m for m in (Plain(), Filter(), ERA(), GradientAscent(),
+                                                          RepresentationMisdirection())}
+
+
+# ---- cells: module-level functions run in worker processes --------------------------------------------
 
 def method_dir(out: Path, method: str) -> Path:
     return Path(out) / "methods" / method
@@ -339,91 +370,84 @@ def partial_dir(out: Path, unlabelled: float) -> Path:
     return Path(out) / "partial" / f"u{unlabelled:g}"
 
 
-def run_methods(ctx: Context) -> dict[str, dict]:
-    out, methods = ctx.out, ctx.config.unlearn.methods
-    results = {"plain": _cached(method_dir(out, "plain") / "result.json", lambda: train_plain(ctx, method_dir(out, "plain")))}
-    plain_model = out / results["plain"]["model"]
-    makers = {
-        "filter": lambda d: train_plain(ctx, d, filtered=True),
-        "era": lambda d: train_era(ctx, d),
-        "gradient_ascent": lambda d: train_gradient_ascent(ctx, d, plain_model),
-        "rmu": lambda d: train_rmu(ctx, d, plain_model),
-    }
-    for method in methods:
-        directory = method_dir(out, method)
-        results[method] = _cached(directory / "result.json", lambda: makers[method](directory))
-    return results
+def method_cell(config: UnlearnConfig, out: Path, method: str, directory: Path, labelled: float = 1.0,
+                device: str = "cpu", on_progress=None) -> None:
+    """One method's training and measurement, stored as directory/result.json."""
+    setup = UnlearnSetup(config, out, device)
+    cached(directory / "result.json", lambda: METHODS[method].run(setup, directory, CellProgress(on_progress), labelled))
 
 
-def reference_model(ctx: Context, method: str, results: dict):
-    """The model before unlearning: ERA's routed model before ablation, else the plain model."""
-    if method == "era":
-        model, _ = expanded_model(ctx)
-        load_model(method_dir(ctx.out, "era") / "train" / "model.safetensors", model)
-        return model
-    return ctx.load(ctx.out / results["plain"]["model"])
+def relearn_cell(config: UnlearnConfig, out: Path, method: str, device: str = "cpu", on_progress=None) -> None:
+    """The relearning attacks on one method's final model, stored as relearn/<method>.json."""
+    setup = UnlearnSetup(config, out, device)
+    r = config.unlearn.relearn
+    cached(out / "relearn" / f"{method}.json", lambda: run_relearning(
+        pretrain_config(config), setup.forget, out / read_json(method_dir(out, method) / "result.json")["model"],
+        METHODS[method].reference_model(setup), out / "relearn" / method, r.sizes, r.seeds, r.steps, r.lr,
+        r.batch_size, r.recover, CellProgress(on_progress)))
 
 
-def run_relearn_attacks(ctx: Context, results: dict) -> dict[str, dict]:
-    r = ctx.config.unlearn.relearn
-    attacks = {}
-    for method in results:
-        directory = ctx.out / "relearn" / method
-        attacks[method] = _cached(ctx.out / "relearn" / f"{method}.json", lambda: run_relearning(
-            pretrain_config(ctx.config), ctx.forget, ctx.out / results[method]["model"],
-            reference_model(ctx, method, results), directory, r.sizes, r.seeds, r.steps, r.lr, r.batch_size,
-            r.recover, ctx.progress))
-    return attacks
+def digits_cell(config: UnlearnConfig, out: Path, device: str = "cpu", on_progress=None) -> None:
+    run_digits_split(config.unlearn.digits, out / "digits", config.seeds[0], CellProgress(on_progress))
 
 
-def run_partial(ctx: Context, results: dict) -> dict:
-    """era and filter with a share of forget examples unlabelled; share 1 of filter is the plain model."""
-    sweep = {"unlabelled": [0.0], "era": [results["era"]["stages"]["final"]],
-             "filter": [results["filter"]["stages"]["final"]]}
-    for unlabelled in sorted(ctx.config.unlearn.unlabelled):
-        directory = partial_dir(ctx.out, unlabelled)
-        labelled = 1.0 - unlabelled
-        era = _cached(directory / "era" / "result.json", lambda: train_era(ctx, directory / "era", labelled))
-        filtered = results["plain"] if unlabelled == 1 else _cached(
-            directory / "filter" / "result.json", lambda: train_plain(ctx, directory / "filter", labelled, filtered=True))
-        sweep["unlabelled"].append(unlabelled)
-        sweep["era"].append(era["stages"]["final"])
-        sweep["filter"].append(filtered["stages"]["final"])
+def run(config: UnlearnConfig, out: Path, runtime: Runtime) -> dict:
+    """Three waves of cells on the kit's executor (see the module docstring), then the summary."""
+    started = time.perf_counter()
+    u = config.unlearn
+    names = ["plain", *u.methods]
+    cell = lambda label, method, directory, labelled=1.0: Cell(
+        label, method_cell, METHODS[method].steps(config),
+        dict(config=config, out=out, method=method, directory=directory, labelled=labelled, device=runtime.device))
+    first = [cell(m, m, method_dir(out, m)) for m in names if not METHODS[m].from_plain]
+    sweep = [(share, m) for share in sorted(u.unlabelled) for m in u.methods if METHODS[m].partial_labels
+             and not (m == "filter" and share == 1)]  # filter with no labels at all is the plain model
+    first += [cell(f"{m} unlabelled {share:g}", m, partial_dir(out, share) / m, 1.0 - share) for share, m in sweep]
+    if u.digits.enabled:
+        first.append(Cell("digits split", digits_cell, 2 * (u.digits.steps + 2 * u.digits.certificate_steps),
+                          dict(config=config, out=out, device=runtime.device)))
+    failures = execute(first, config, runtime)
+    if "plain" in failures:
+        raise_failures({"failed": failures})
+    failures |= execute([cell(m, m, method_dir(out, m)) for m in names if METHODS[m].from_plain], config, runtime)
+    trained = [m for m in names if (method_dir(out, m) / "result.json").exists()]
+    r = u.relearn
+    failures |= execute([Cell(f"relearn {m}", relearn_cell, len(r.sizes) * len(r.seeds) * r.steps,
+                              dict(config=config, out=out, method=m, device=runtime.device)) for m in trained],
+                        config, runtime)
+    if failures:  # every figure is compared with plain and with each other: report, never summarise a subset
+        raise_failures({"failed": failures})
+    results = {m: read_json(method_dir(out, m) / "result.json") for m in names}
+    attacks = {m: read_json(out / "relearn" / f"{m}.json") for m in names}
+    partial = partial_sweep(config, out, results) if sweep else None
+    digits = read_json(out / "digits" / "digits.json") if u.digits.enabled else None
+    return summarize(config, out, results, attacks, partial, digits, time.perf_counter() - started)
+
+
+def partial_sweep(config: UnlearnConfig, out: Path, results: dict) -> dict:
+    """Each partial-label method's final figures per unlabelled share (share 0: the main run; filter at
+    share 1 is the plain model)."""
+    methods = [m for m in config.unlearn.methods if METHODS[m].partial_labels]
+    sweep = {"unlabelled": [0.0, *sorted(config.unlearn.unlabelled)]}
+    for m in methods:
+        sweep[m] = [results[m]["stages"]["final"]] + [
+            (results["plain"] if m == "filter" and share == 1 else read_json(partial_dir(out, share) / m / "result.json"))
+            ["stages"]["final"] for share in sorted(config.unlearn.unlabelled)]
     return sweep
 
 
-class Bars:
-    """One progress bar per training run (or none)."""
-
-    def __init__(self, show: bool):
-        self.progress = Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not show)
-
-    def __call__(self, name: str, total: int) -> Callable[[int, float], None]:
-        task = self.progress.add_task(name, total=total, info="")
-        return lambda step, loss: self.progress.update(task, completed=step, info=f"loss {loss:.3f}")
+def headline(summary: dict) -> list:
+    lines = []
+    for method, stats in summary["methods"].items():
+        final, tax = stats["stages"]["final"], stats["alignment_tax"]["vs_plain"]
+        lines.append(f"{method:>16}: forget loss {final['forget']['loss']:.3f} acc {final['forget']['accuracy']:.3f}, "
+                     f"retain loss {final['retain']['loss']:.3f} acc {final['retain']['accuracy']:.3f}"
+                     + (f", retain loss vs plain {tax:+.3f}" if tax is not None and method != "plain" else ""))
+    return lines
 
 
-def run_unlearn(config: UnlearnConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
-    check_unlearn_config(config)
-    preflight(config)
-    with output_directory(out, config.model_dump(mode="json"), resume, "an unlearn run") as out:
-        started = time.perf_counter()
-        bars = Bars(show_progress)
-        with bars.progress:
-            ctx = Context(config, out, bars)
-            results = run_methods(ctx)
-            attacks = run_relearn_attacks(ctx, results)
-            partial = run_partial(ctx, results) if config.unlearn.unlabelled and {"era", "filter"} <= set(results) else None
-            digits = run_digits_split(config.unlearn.digits, out / "digits", ctx.seed, bars) \
-                if config.unlearn.digits.enabled else None
-        summary = summarize(ctx, results, attacks, partial, digits, time.perf_counter() - started)
-        write_json(out / "summary.json", summary)
-        return summary
-
-
-def summarize(ctx: Context, results: dict, attacks: dict, partial: Optional[dict], digits: Optional[dict],
-              wall: float) -> dict:
+def summarize(config: UnlearnConfig, out: Path, results: dict, attacks: dict, partial: Optional[dict],
+              digits: Optional[dict], wall: float) -> dict:
     """Per method: forget/retain figures per stage, alignment tax; relearning; sweep; digits; seconds."""
     final = {m: r["stages"]["final"] for m, r in results.items()}
     tax = lambda m, base: final[m]["retain"]["loss"] - final[base]["retain"]["loss"] if base in final else None
@@ -431,19 +455,18 @@ def summarize(ctx: Context, results: dict, attacks: dict, partial: Optional[dict
                    **{k: r[k] for k in ("selection", "steering_norm", "expansion") if k in r}}
                for m, r in results.items()}
     for attack in attacks.values():  # the plain model's accuracy: a recovery target shared by every method
-        common = steps_to_common_target(attack, attacks["plain"]["reference"], ctx.config.unlearn.relearn.recover)
+        common = steps_to_common_target(attack, attacks["plain"]["reference"], config.unlearn.relearn.recover)
         for n, steps in common.items():
             attack["by_size"][n]["steps_to_plain_accuracy"] = steps
     seconds = {f"methods/{m}": r["seconds"] for m, r in results.items()}
     seconds.update({f"relearn/{m}": a["seconds"] for m, a in attacks.items()})
-    if partial is not None:
-        for unlabelled in ctx.config.unlearn.unlabelled:
-            for method in ("era", "filter"):
-                path = partial_dir(ctx.out, unlabelled) / method / "result.json"
-                if path.exists():
-                    seconds[f"partial/u{unlabelled:g}/{method}"] = read_json(path)["seconds"]
+    for path in sorted(out.glob("partial/u*/*/result.json")):
+        seconds[str(path.parent.relative_to(out))] = read_json(path)["seconds"]
     if digits is not None:
         seconds["digits"] = digits["seconds"]
-    return {"kind": "unlearn", "name": ctx.config.name, "forget": ctx.forget, "retain": ctx.retain,
-            "seed": ctx.seed, "methods": methods, "relearn": attacks, "partial": partial, "digits": digits,
+    return {"name": config.name, "forget": list(config.unlearn.forget), "retain": retain_tasks(config),
+            "seed": config.seeds[0], "methods": methods, "relearn": attacks, "partial": partial, "digits": digits,
             "seconds": {"stages": seconds, "wall_this_invocation": wall}}
+
+
+PROTOCOL = Protocol("unlearn", UnlearnConfig, check_unlearn_config, run, headline, unlearn_report, "an unlearn run")

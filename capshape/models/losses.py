@@ -18,3 +18,8 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     token_losses = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE, reduction="none")
     mask = labels != IGNORE
     return token_losses.sum(1) / mask.sum(1).clamp(min=1)
+
+
+def cross_entropy_losses(model: torch.nn.Module, batch) -> torch.Tensor:
+    """The default per-example loss of a training step: `per_example_losses` of the model's output on `batch`."""
+    return per_example_losses(model(batch.inputs), batch.labels)

@@ -4,24 +4,24 @@
 It only reads run directories: it never trains, and never imports the training loop or the
 experiment protocols (only the run-store helpers of `capshape.runstore`).
 
-    build_report(path)   # -> path / "report.html"
+    write_report(path, page)   # -> path / "report.html"; `page` from a protocol's page function
+
+Each protocol's page is a function (summary, config, directory) -> (images, html) in its own module
+here; the protocol registry (experiments/registry.py) picks it by the summary's `kind`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from capshape.errors import CapshapeError
-from capshape.report.distill import distill_report
 from capshape.report.groups import groups_report
 from capshape.report.html import render_page
 from capshape.report.plots import render_plots
-from capshape.report.overhang import overhang_report
-from capshape.report.transfer import transfer_report
-from capshape.report.unlearn import unlearn_report
 from capshape.runstore import RunDir, read_json, run_name, write_atomic
 
-__all__ = ["build_report", "load_experiment", "Experiment", "Run"]
+__all__ = ["write_report", "comparison_page", "load_experiment", "Experiment", "Run"]
 
 
 def _points(pairs) -> dict[int, float]:
@@ -155,24 +155,21 @@ def load_experiment(path: Path) -> Experiment:
                         f"comparison directory (summary.json with 'objectives'): pass a directory written by capshape.")
 
 
-# Protocol outputs name their kind in summary.json; each has its own report, from its summary, config
-# (empty if config.json is missing) and files.
-PROTOCOL_REPORTS = {"transfer": transfer_report, "overhang": overhang_report, "distill": distill_report, "unlearn": unlearn_report}
+def comparison_page(summary: dict, config: dict, path: Path) -> tuple[dict, str]:
+    """The page of a comparison (the `compare` protocol): the verdict, curves and tables of its runs."""
+    experiment = load_experiment(path)
+    images = render_plots(experiment)
+    return images, render_page(experiment, images)
 
 
-def build_report(path: Path) -> Path:
-    """Writes `report.html` (and `plots/*.png`) into the run, comparison or protocol directory `path`; returns its path."""
+def write_report(path: Path, content: Optional[tuple[dict, str]] = None) -> Path:
+    """Writes `report.html` and `plots/*.png` into `path`; returns the page's path. `content` is a
+    protocol's (images, page), made by its page function (the protocol registry picks it); without it,
+    `path` is a groups directory or one run directory."""
     path = Path(path)
-    summary = read_json(path / "summary.json") if (path / "summary.json").is_file() else {}
-    if (path / "groups.json").is_file():
-        images, page = groups_report(path)
-    elif summary.get("kind") in PROTOCOL_REPORTS:
-        config = read_json(path / "config.json") if (path / "config.json").exists() else {}
-        images, page = PROTOCOL_REPORTS[summary["kind"]](summary, config, path)
-    else:
-        experiment = load_experiment(path)
-        images = render_plots(experiment)
-        page = render_page(experiment, images)
+    if content is None:
+        content = groups_report(path) if (path / "groups.json").is_file() else comparison_page({}, {}, path)
+    images, page = content
     for name, png in images.items():
         write_atomic(path / "plots" / f"{name}.png", png)
     report = path / "report.html"

@@ -87,7 +87,7 @@ def partial_figure(summary: dict):
     panels = {}
     for title, (side, key) in SIDES.items():
         panels[title] = [Series(method, [dict(zip(sweep["unlabelled"], [m[side][key] for m in sweep[method]]))],
-                                color(list(summary["methods"]), method)) for method in ("era", "filter")]
+                                color(list(summary["methods"]), method)) for method in swept(sweep)]
     return grid_figure(panels, "value", sharey=False, xlabel="share of forget examples unlabelled")
 
 
@@ -152,11 +152,16 @@ def relearn_table(summary: dict) -> str:
                   "steps to target, per seed", "steps to plain's acc, per seed"], rows)
 
 
+def swept(sweep: dict) -> list[str]:
+    """The methods of the partial-label sweep (every key but the shares)."""
+    return [m for m in sweep if m != "unlabelled"]
+
+
 def partial_table(sweep: dict) -> str:
-    rows = [[number(u)] + [number(sweep[m][i][side][key]) for m in ("era", "filter") for side, key in
+    rows = [[number(u)] + [number(sweep[m][i][side][key]) for m in swept(sweep) for side, key in
                            (("forget", "loss"), ("forget", "accuracy"), ("retain", "loss"))]
             for i, u in enumerate(sweep["unlabelled"])]
-    heads = [f"{m} {h}" for m in ("era", "filter") for h in ("forget loss", "forget acc", "retain loss")]
+    heads = [f"{m} {h}" for m in swept(sweep) for h in ("forget loss", "forget acc", "retain loss")]
     return table(["unlabelled", *heads], rows)
 
 

@@ -61,3 +61,17 @@ def verdict(summary: dict) -> Verdict | None:
                      f"(chance-corrected) in both runs of a pair: {width['tasks']:.1f} tasks per pair for {o}"
                      + (f"; left out in some pair: {', '.join(width['excluded'])}." if width["excluded"] else "."))
     return Verdict(objectives, rows, seeds, notes)
+
+
+def verdict_lines(summary: dict) -> list:
+    """The verdict for the terminal: a rich table (bold green and * where the interval excludes 0), then
+    the notes; nothing when the summary holds no comparison."""
+    from rich.table import Table
+
+    found = verdict(summary)
+    if found is None:
+        return []
+    table = Table("metric", "+ means", *found.objectives, title=f"verdict: each objective − {summary.get('baseline', 'mean')}")
+    for label, positive, cells in found.rows:
+        table.add_row(label, positive, *(f"[bold green]{text} *[/]" if sure else text for text, sure in cells))
+    return [table, *found.notes]

@@ -25,7 +25,7 @@ import torch
 from capshape import collectives
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
-from capshape.models import build_model, per_example_losses
+from capshape.models import build_model, cross_entropy_losses
 from capshape.objectives import Objective, Weighting, build_objective
 from capshape.provenance import provenance
 from capshape.runstore import RunDir, check_resumable, exclusive, read_json, write_json
@@ -39,10 +39,6 @@ from capshape.train.summary import UNGROUPED, summarize_run
 ProgressFn = Callable[[int, float], None]
 
 
-def cross_entropy_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    return per_example_losses(model(batch.inputs), batch.labels)
-
-
 @dataclass
 class StepHooks:
     """Extension points of one training step, used by protocols (routing, distillation, unlearning)."""
@@ -50,6 +46,13 @@ class StepHooks:
     losses: Callable[[torch.nn.Module, Batch], torch.Tensor] = cross_entropy_losses
     around_forward: Callable[[torch.nn.Module, Batch], ContextManager] = lambda model, batch: nullcontext()
     after_backward: Callable[[torch.nn.Module, Batch], None] = lambda model, batch: None
+
+    @classmethod
+    def of(cls, mechanics) -> "StepHooks":
+        """The hooks an object defines (any of `losses`, `around_forward`, `after_backward`, e.g. routing's
+        EraStep or the RMU losses), the defaults for the rest."""
+        return cls(**{name: getattr(mechanics, name) for name in ("losses", "around_forward", "after_backward")
+                      if hasattr(mechanics, name)})
 
 
 @dataclass

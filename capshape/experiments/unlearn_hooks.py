@@ -1,9 +1,7 @@
 """The training mechanics of each unlearning method, as `StepHooks` for the one training loop.
 
-Route 0 is retain, route 1 is forget (`capshape.routing.Routes` from the data labels).
+Route ids RETAIN and FORGET come from `capshape.routing.era` (ERA's own hooks live there too).
 
-    era_hooks               gradient routing of an expanded model: activation masks at the MLP hidden
-                            sites, optional L1 on the added units, optional parameter-level routing
     filter_hooks            data filtering with partial labels: labelled forget examples get no loss
     GradientAscentLosses    ascent on forget examples (capped), descent on retain ones
     RMU                     representation misdirection (Li et al. 2024, WMDP)
@@ -16,30 +14,12 @@ import math
 
 import torch
 
-from capshape.routing import ActivationRouter, Expansion, ParameterRouter, RoutedLosses, Routes
+from capshape.models import cross_entropy_losses
+from capshape.routing import Routes
+from capshape.routing.era import FORGET, RETAIN
 from capshape.tasks import Batch, TaskData
 from capshape.tasks.tokenizer import PAD
 from capshape.train import StepHooks, evaluate
-from capshape.train.loop import cross_entropy_losses
-
-RETAIN, FORGET = 0, 1
-
-
-def era_hooks(expansion: Expansion, routes: Routes, forget_mask: tuple[float, float], retain_mask: tuple[float, float],
-              positions: str, l1: float, route_parameters: bool) -> StepHooks:
-    """Masks (original, added) per route at every expanded `blocks.i.mlp.hidden`; an L1 penalty of weight
-    `l1` on the added units' activations of retain examples; with `route_parameters`, forget examples
-    update only the added units' parameters."""
-    retain, forget = expansion.site_masks(*retain_mask), expansion.site_masks(*forget_mask)
-    masks = {site: torch.stack([retain[site], forget[site]]) for site in retain}  # [2 routes, units]
-    added = expansion.site_masks(0.0, 1.0)  # 1 on the added units
-    penalty = {site: torch.stack([l1 * units, torch.zeros_like(units)]) for site, units in added.items()} if l1 else None
-    router = ActivationRouter(routes, masks, positions, penalty)
-    losses = RoutedLosses(cross_entropy_losses, router)
-    if not route_parameters:
-        return StepHooks(losses=losses, around_forward=router)
-    parameters = ParameterRouter(routes, {FORGET: expansion.parameter_spec()}, losses, around_forward=router)
-    return StepHooks(losses=parameters.losses, after_backward=parameters.after_backward)
 
 
 def filter_hooks(routes: Routes) -> StepHooks:
@@ -107,10 +87,6 @@ class RMU:
         for name, param in model.named_parameters():
             if not any(name.startswith(prefix) for prefix in self.trainable):
                 param.grad = None
-
-    def hooks(self) -> StepHooks:
-        return StepHooks(losses=self.losses, after_backward=self.after_backward)
-
 
 class KeepBest:
     """An `after_backward` hook that, every `every` steps, measures the held-out loss of `data` (the retain

@@ -142,20 +142,19 @@ def train_ddp(
     import torch.distributed as dist
 
     from capshape import collectives
-    from capshape.train import check_config, train_run
-    from capshape.train.loop import single_run_config
+    from capshape.train import RunSpec, TrainRuntime, check_config, train_run
     from capshape.train.parallel import init_distributed
     from capshape.train.preflight import preflight
 
-    run_config = single_run_config(load_config(config, set_ or []), objective, seed)
-    check_config(run_config)
+    spec = RunSpec.of(load_config(config, set_ or []), objective, seed)
+    check_config(spec.config)
     if resume and not (out / "config.json").exists():
         raise CapshapeError(f"--resume: {out} holds no run to resume: drop --resume to start one there.")
     device = init_distributed(device)
-    preflight(run_config, device)
+    preflight(spec.config, device)
     ranks = collectives.world_size()
     try:
-        summary = train_run(run_config, objective, seed, out, resume=resume, device=device)
+        summary = train_run(spec, out, TrainRuntime(device=device, resume=resume))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

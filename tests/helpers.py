@@ -2,7 +2,7 @@
 interrupted part-way."""
 import pytest
 
-from capshape.train import train_run
+from capshape.train import RunSpec, TrainRuntime, train_run
 
 TINY_MODEL = """
 [model]
@@ -22,4 +22,4 @@ def interrupted_run(config, objective: str, out, at_step: int) -> None:
             raise RuntimeError("simulated crash")
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_run(config, objective, 0, out, on_progress=crash)
+        train_run(RunSpec.of(config, objective, 0), out, TrainRuntime(on_progress=crash))

@@ -10,7 +10,7 @@ from capshape.errors import CapshapeError
 from capshape.experiments import kit, run
 from capshape.objectives import build_objective
 from capshape.models import build_model
-from capshape.train import StepHooks, prepare_data, train_run
+from capshape.train import RunSpec, StepHooks, TrainRuntime, prepare_data, train_run
 from capshape.train.loop import make_optimizer, training_step
 from capshape.train.parallel import autocast, resolve_device
 
@@ -49,8 +49,8 @@ def test_precision_autocasts_the_training_forward_only(tiny_config, precision, d
 
 def test_bf16_run_on_cpu_trains_and_evaluates_in_fp32(tmp_path, tiny_config):
     config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"precision": "bf16"})})
-    bf16 = train_run(config, "grouped", 0, tmp_path / "bf16", device="auto")
-    fp32 = train_run(tiny_config, "grouped", 0, tmp_path / "fp32", device="cpu")
+    bf16 = train_run(RunSpec.of(config, "grouped", 0), tmp_path / "bf16", TrainRuntime(device="auto"))
+    fp32 = train_run(RunSpec.of(tiny_config, "grouped", 0), tmp_path / "fp32", TrainRuntime(device="cpu"))
     assert all(math.isfinite(t["final_eval"]["loss"]) for t in bf16["tasks"].values())
     assert bf16["mean_eval_loss"] != fp32["mean_eval_loss"]  # autocast was on
     assert abs(bf16["mean_eval_loss"] - fp32["mean_eval_loss"]) < 0.1

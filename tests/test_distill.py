@@ -23,7 +23,7 @@ from capshape.runstore import read_json
 from capshape.tasks import Batch, build_suite
 from capshape.tasks.backdoor import ATTACK, TRIGGERED
 from capshape.tasks.tokenizer import IGNORE, SEP, TOKENIZER
-from capshape.train import StepHooks, evaluate, train_run
+from capshape.train import RunSpec, StepHooks, evaluate, train_run
 
 ROOT = Path(__file__).parents[1]
 TEXT = {"data": {"tasks": ["copy", "add"], "train_examples": 200, "eval_examples": 32},
@@ -170,7 +170,7 @@ def test_distillation_batches_never_hold_a_triggered_input(base, trigger, tmp_pa
         return Distiller(teacher, 2.0, 0.0)(model, batch)
 
     guard = TriggerFreeGuard(recorded, suite.trigger)
-    train_run(run_config, "mean", 0, tmp_path / "student", hooks=StepHooks(losses=guard))
+    train_run(RunSpec.of(run_config, "mean", 0, hooks=StepHooks(losses=guard)), tmp_path / "student")
     assert guard.batches == len(seen) == 6
     assert not any(suite.trigger.present(inputs).any() for inputs in seen)
     # the same guard on the poisoned pools refuses the batch (the check is not vacuous)

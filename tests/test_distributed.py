@@ -15,7 +15,7 @@ from capshape.config import build_config
 from capshape.models import build_model
 from capshape.objectives import build_objective
 from capshape.runstore import RunDir
-from capshape.train import prepare_data, read_tensors, train_run
+from capshape.train import RunSpec, prepare_data, read_tensors, train_run
 
 OBJECTIVES = ["mean", "grouped", "group_dro", "gradient_cluster", "svd_grouped"]
 REGROUP = {"regroup_every": 3, "n_examples": 11, "feature_dim": 16}
@@ -43,7 +43,7 @@ def _rank(rank: int, world: int, port: int, config, root) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         for objective in OBJECTIVES:  # ranks > 0 get their own --out, which they must never write
-            train_run(config, objective, 0, root / (f"ddp-{objective}" if rank == 0 else f"rank{rank}-{objective}"))
+            train_run(RunSpec.of(config, objective, 0), root / (f"ddp-{objective}" if rank == 0 else f"rank{rank}-{objective}"))
         # A regrouping on its own: each rank sketches its share of the draw; all must fit the same groups.
         prepared = prepare_data(config, 0)
         torch.manual_seed(0)
@@ -95,7 +95,7 @@ def test_ddp_on_two_processes_equals_the_single_process_run(tmp_path):
     _run_ranks(2, config, tmp_path)
     for objective in OBJECTIVES:
         single = tmp_path / f"single-{objective}"
-        train_run(config, objective, 0, single)
+        train_run(RunSpec.of(config, objective, 0), single)
         ddp = tmp_path / f"ddp-{objective}"
         assert RunDir(ddp).status()["status"] == "finished"
         assert not (tmp_path / f"rank1-{objective}").exists(), "only rank 0 writes"

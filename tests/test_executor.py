@@ -7,7 +7,7 @@ from capshape.errors import CapshapeError
 from capshape.experiments import run
 from capshape.experiments.executor import Cell, run_cells
 from capshape.runstore import RunDir, read_json
-from capshape.train import train_run
+from capshape.experiments.compare import train_cell
 
 
 def flaky(marker: str, on_progress=None) -> str:
@@ -34,7 +34,7 @@ def lost_once(marker: str, on_progress=None, **train_kwargs) -> dict:
         Path(marker).write_text("lost")
         raise RuntimeError("worker lost")
     assert train_kwargs["resume"] is True
-    return train_run(**train_kwargs, on_progress=on_progress)
+    return train_cell(**train_kwargs, on_progress=on_progress)
 
 
 def _cells(tmp_path, retry_kwargs=None):
@@ -49,7 +49,7 @@ def test_local_executor_retries_failed_cells_and_reports_those_that_always_fail(
     with pytest.raises(CapshapeError, match="already holds a run: pass --resume"):
         run("compare", tiny_config, out, show_progress=False)  # a rerun without --resume is refused up front
     # a retried run continues with its retry_kwargs (resume=True)
-    resumed = Cell("mean-seed0", lost_once, 12, dict(marker=str(tmp_path / "lost"), config=tiny_config, objective_name="mean",
+    resumed = Cell("mean-seed0", lost_once, 12, dict(marker=str(tmp_path / "lost"), config=tiny_config, objective="mean",
                                                      seed=0, out=out / "mean-seed1", resume=False), retry_kwargs={"resume": True})
     failures = run_cells([*_cells(tmp_path), resumed], workers=1, show_progress=False, retries=1)
     assert failures == {"broken": "always broken (runtime)", "misconfigured": "always broken (config)"}
@@ -99,7 +99,7 @@ def test_ray_executor_runs_a_grid_into_the_same_run_store(tmp_path, tiny_config,
 @pytest.mark.slow
 def test_ray_executor_trains_retries_and_reports(tmp_path, tiny_config, local_ray):
     out = tmp_path / "mean-seed0"
-    lost = Cell("mean-seed0", lost_once, 12, dict(marker=str(tmp_path / "lost"), config=tiny_config, objective_name="mean",
+    lost = Cell("mean-seed0", lost_once, 12, dict(marker=str(tmp_path / "lost"), config=tiny_config, objective="mean",
                                                   seed=0, out=out, resume=False), retry_kwargs={"resume": True})
     failures = run_cells([*_cells(tmp_path)[:2], lost], workers=1, show_progress=False, executor="ray", retries=1)
     assert failures == {"broken": "always broken (runtime)"}

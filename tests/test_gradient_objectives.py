@@ -14,7 +14,7 @@ from capshape.config import ModelConfig
 from capshape.objectives import build_objective
 from capshape.experiments import build_report
 from capshape.runstore import RunDir
-from capshape.train import train_run
+from capshape.train import RunSpec, TrainRuntime, train_run
 from helpers import interrupted_run
 
 
@@ -180,7 +180,7 @@ def test_gradient_cluster_assigns_by_average_linkage_and_uses_grouped_weights():
 ])
 def test_gradient_objectives_train_end_to_end_and_record_regroupings(tmp_path, tiny_config, objective, params):
     config = tiny_config.model_copy(update={"objectives": [objective], "objective": {objective: params}})
-    train_run(config, objective, 0, tmp_path / "r")
+    train_run(RunSpec.of(config, objective, 0), tmp_path / "r")
     records = RunDir(tmp_path / "r").read_records("objective_records.jsonl")
     assert [r["step"] for r in records] == [0, 4, 8]
     assert all(0 <= r["purity"] <= 1 for r in records)
@@ -192,9 +192,9 @@ def test_gradient_objectives_train_end_to_end_and_record_regroupings(tmp_path, t
 def test_gradient_objective_resume_is_exact(tmp_path, tiny_config, objective):
     params = {"regroup_every": 3, "n_examples": 24, "feature_dim": 32}
     config = tiny_config.model_copy(update={"objectives": [objective], "objective": {objective: params}})
-    train_run(config, objective, 0, tmp_path / "whole")
+    train_run(RunSpec.of(config, objective, 0), tmp_path / "whole")
 
     interrupted_run(config, objective, tmp_path / "cut", at_step=6)
-    train_run(config, objective, 0, tmp_path / "cut", resume=True)
+    train_run(RunSpec.of(config, objective, 0), tmp_path / "cut", TrainRuntime(resume=True))
     strip = lambda p: [{k: v for k, v in r.items() if k != "seconds"} for r in RunDir(p).read_metrics()]
     assert strip(tmp_path / "cut") == strip(tmp_path / "whole")

@@ -9,7 +9,7 @@ from capshape.grads import GradientSketcher, gradient_gram, linear_layer_names  
 from capshape.models import Transformer, build_model, per_example_losses  # noqa: E402
 from capshape.objectives import build_objective  # noqa: E402
 from capshape.tasks.suites import InputSpec  # noqa: E402
-from capshape.train import StepHooks, load_model, prepare_data, train_run  # noqa: E402
+from capshape.train import RunSpec, StepHooks, load_model, prepare_data, train_run  # noqa: E402
 from capshape.train.loop import make_optimizer, training_step  # noqa: E402
 
 SIZE = dict(n_layer=2, n_head=2, d_model=16, d_mlp=32, max_len=16)
@@ -97,7 +97,7 @@ def test_gradient_capture_covers_gpt2_conv1d_layers_exactly():
 
 def test_hf_gpt2_trains_through_the_loop_and_reloads(tmp_path):
     config = _hf_config(precision="bf16")  # bf16 autocast on the CPU too
-    summary = train_run(config, "grouped", 0, tmp_path / "run")
+    summary = train_run(RunSpec.of(config, "grouped", 0), tmp_path / "run")
     assert summary["objective"] == "grouped"
     model = build_model(config.model, prepare_data(config, 0).suite.input_spec)
     load_model(tmp_path / "run" / "model.safetensors", model)  # train.init_from's path

@@ -130,15 +130,15 @@ def _rows(path):
                                                                                    "num_groups": 2})])
 def test_a_torn_metrics_row_is_measured_again_and_records_are_written_once(tmp_path, tiny_config, objective, params):
     config = tiny_config.model_copy(update={"objective": {objective: params}})
-    from capshape.train import train_run
+    from capshape.train import RunSpec, TrainRuntime, train_run
 
-    train_run(config, objective, 0, tmp_path / "whole")
+    train_run(RunSpec.of(config, objective, 0), tmp_path / "whole")
     interrupted_run(config, objective, tmp_path / "cut", at_step=7)  # checkpoint at step 4, rows 0 and 4
     metrics = RunDir(tmp_path / "cut").metrics_path
     text = metrics.read_text()
     metrics.write_text(text[: len(text) - 40])  # the row of step 4 torn by the crash
     assert [row["step"] for row in RunDir(tmp_path / "cut").read_metrics()] == [0]
-    train_run(config, objective, 0, tmp_path / "cut", resume=True)
+    train_run(RunSpec.of(config, objective, 0), tmp_path / "cut", TrainRuntime(resume=True))
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
     records = lambda path: RunDir(path).read_records("objective_records.jsonl")
     assert [r["step"] for r in records(tmp_path / "cut")] == [r["step"] for r in records(tmp_path / "whole")]
@@ -175,12 +175,12 @@ def test_runs_shows_interrupted_live_step_and_unreadable_entries(tmp_path, tiny_
 def test_the_resolved_thread_count_is_recorded(tmp_path, tiny_config):
     import torch
 
-    from capshape.train import train_run
+    from capshape.train import RunSpec, train_run
 
     before = torch.get_num_threads()
     try:
         config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"threads": 0, "steps": 4})})
-        summary = train_run(config, "mean", 0, tmp_path / "run")
+        summary = train_run(RunSpec.of(config, "mean", 0), tmp_path / "run")
     finally:
         torch.set_num_threads(before)
     assert summary["provenance"][0]["threads"] == max(1, (os.cpu_count() or 1) // config.workers)

@@ -14,7 +14,7 @@ from capshape.config import build_config, load_config
 from capshape.errors import CapshapeError
 from capshape.runstore import RunDir, exclusive
 from capshape.tasks import load_jsonl_tasks
-from capshape.train import StepHooks, check_config, read_tensors, train_run
+from capshape.train import RunSpec, StepHooks, check_config, read_tensors, train_run
 from capshape.train.loop import cross_entropy_losses
 from helpers import TINY_MODEL
 
@@ -80,8 +80,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_a_second_process_cannot_write_into_a_directory_in_use(tmp_path, tiny_config):
     with exclusive(tmp_path / "r"):
         with pytest.raises(CapshapeError, match="in use by another capshape process"):
-            train_run(tiny_config, "mean", 0, tmp_path / "r")
-    train_run(tiny_config, "mean", 0, tmp_path / "r")  # free again afterwards
+            train_run(RunSpec.of(tiny_config, "mean", 0), tmp_path / "r")
+    train_run(RunSpec.of(tiny_config, "mean", 0), tmp_path / "r")  # free again afterwards
     assert RunDir(tmp_path / "r").status()["status"] == "finished"
 
 
@@ -98,7 +98,7 @@ def _nan_on_calls(bad_calls):
 
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, tiny_config):
     train = tiny_config.train.model_copy(update={"on_nonfinite": "skip"})
-    train_run(tiny_config.model_copy(update={"train": train}), "mean", 0, tmp_path / "r", hooks=_nan_on_calls({3, 9}))
+    train_run(RunSpec.of(tiny_config.model_copy(update={"train": train}), "mean", 0, hooks=_nan_on_calls({3, 9})), tmp_path / "r")
     rows = RunDir(tmp_path / "r").read_metrics()
     assert sum(row.get("train", {}).get("skipped_steps", 0) for row in rows) == 2
     assert RunDir(tmp_path / "r").status()["status"] == "finished"
@@ -106,7 +106,7 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, tiny_config):
 
 def test_nonfinite_step_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, tiny_config):
     with pytest.raises(CapshapeError, match="Non-finite loss or gradient at step 6"):
-        train_run(tiny_config, "mean", 0, tmp_path / "r", hooks=_nan_on_calls({7}))
+        train_run(RunSpec.of(tiny_config, "mean", 0, hooks=_nan_on_calls({7})), tmp_path / "r")
     assert read_tensors(tmp_path / "r" / "checkpoints" / "last.safetensors")[1]["step"] == 4
     assert RunDir(tmp_path / "r").status()["status"] == "failed"
 

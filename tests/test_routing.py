@@ -20,10 +20,10 @@ from capshape.models import build_model
 from capshape.experiments import build_report
 from capshape.routing import (ActivationRouter, ParameterRouter, RoutedLosses, Routes, contract_mlp, example_hash,
                               expand_mlp, route)
-from capshape.tasks import TOKENS, Batch
+from capshape.tasks import TOKEN_INPUTS, Batch
 from capshape.tasks.tokenizer import IGNORE
 from capshape.objectives import build_objective
-from capshape.train import StepHooks, prepare_data, save_model, train_run
+from capshape.train import RunSpec, StepHooks, prepare_data, save_model, train_run
 from capshape.train.loop import cross_entropy_losses, make_optimizer, training_step
 from helpers import TINY_MODEL
 
@@ -32,7 +32,7 @@ SITE = "blocks.0.mlp.hidden"
 
 def tiny_model(config, seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(config.model, TOKENS)
+    return build_model(config.model, TOKEN_INPUTS)
 
 
 def a_batch(config, size: int = 8, tasks=None) -> Batch:
@@ -228,7 +228,7 @@ def test_ablation_removes_what_was_routed(tiny_config, tmp_path):
     original = copy.deepcopy(model)
     expansion = expand_mlp(model, None, 8, std=0.2, generator=torch.Generator().manual_seed(0))
     hooks = StepHooks.of(era_step(expansion, Routes([1]), (0.0, 1.0), (1.0, 0.0), "all", 0.0, route_parameters=True))
-    train_run(config, "mean", 0, tmp_path / "run", hooks=hooks, model=model)
+    train_run(RunSpec.of(config, "mean", 0, hooks=hooks, model=model), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval"]["add"]["loss"] < rows[0]["eval"]["add"]["loss"] - 1.0, [r["eval"]["add"]["loss"] for r in rows]
     contract_mlp(model, expansion)
@@ -303,10 +303,10 @@ def test_relearning_runs_are_sized_seeded_and_evaluated_every_step(tiny_config, 
     for n in ("1", "4"):
         stats = result["by_size"][n]
         assert stats["runs"] == 2 and len(stats["per_seed"]) == 2
-        for run in stats["per_seed"]:
-            assert run["curve"]["steps"] == [0, 1, 2, 3]
-            assert run["steps_to_recover"] == 0  # the reference is the model itself
-            assert run["min_loss"] == min(run["curve"]["loss"])
+        for attack in stats["per_seed"]:
+            assert attack["curve"]["steps"] == [0, 1, 2, 3]
+            assert attack["steps_to_recover"] == 0  # the reference is the model itself
+            assert attack["min_loss"] == min(attack["curve"]["loss"])
 
 
 # ---- config errors, end to end -------------------------------------------------------------------

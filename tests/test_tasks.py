@@ -140,13 +140,13 @@ def test_digits_suite_splits_each_class_disjointly(tiny_config):
 
 
 def test_digits_suite_trains_an_mlp(tmp_path, tiny_config):
-    from capshape.train import train_run
+    from capshape.train import RunSpec, train_run
 
     config = tiny_config.model_copy(update={
         "data": tiny_config.data.model_copy(update={"suite": "digits"}),
         "model": tiny_config.model.model_copy(update={"kind": "mlp", "width": 32}),
         "train": tiny_config.train.model_copy(update={"batch_size": 20, "steps": 40, "eval_every": 20, "lr": 1e-2})})
-    summary = train_run(config, "grouped", 0, tmp_path / "r")
+    summary = train_run(RunSpec.of(config, "grouped", 0), tmp_path / "r")
     assert summary["mean_accuracy"] > 0.3
 
 

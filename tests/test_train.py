@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from capshape.errors import CapshapeError
 from capshape.runstore import RunDir
-from capshape.train import learning_rate, read_tensors, train_run
+from capshape.train import RunSpec, TrainRuntime, learning_rate, read_tensors, train_run
 from helpers import interrupted_run
 
 
@@ -15,7 +15,7 @@ def _eval_rows(path):
 
 
 def test_tiny_run_writes_a_complete_run_directory(tmp_path, tiny_config):
-    summary = train_run(tiny_config, "grouped", 0, tmp_path / "run")
+    summary = train_run(RunSpec.of(tiny_config, "grouped", 0), tmp_path / "run")
     run = tmp_path / "run"
     assert RunDir(run).status()["status"] == "finished"
     assert [row["step"] for row in RunDir(run).read_metrics()] == [0, 4, 8, 12]
@@ -28,30 +28,30 @@ def test_tiny_run_writes_a_complete_run_directory(tmp_path, tiny_config):
 
 
 def test_same_seed_same_numbers(tmp_path, tiny_config):
-    train_run(tiny_config, "mean", 0, tmp_path / "a")
-    train_run(tiny_config, "mean", 0, tmp_path / "b")
+    train_run(RunSpec.of(tiny_config, "mean", 0), tmp_path / "a")
+    train_run(RunSpec.of(tiny_config, "mean", 0), tmp_path / "b")
     assert _eval_rows(tmp_path / "a") == _eval_rows(tmp_path / "b")
 
 
 @pytest.mark.parametrize("objective", ["mean", "group_dro", "loss_proportional", "doremi"])
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, tiny_config, objective):
-    train_run(tiny_config, objective, 0, tmp_path / "whole")
+    train_run(RunSpec.of(tiny_config, objective, 0), tmp_path / "whole")
     interrupted_run(tiny_config, objective, tmp_path / "cut", at_step=7)
     assert RunDir(tmp_path / "cut").status() == {"status": "failed", "objective": objective, "seed": 0,
                                                  "error": "simulated crash"}
     assert not (tmp_path / "cut" / "summary.json").exists()
-    train_run(tiny_config, objective, 0, tmp_path / "cut", resume=True)
+    train_run(RunSpec.of(tiny_config, objective, 0), tmp_path / "cut", TrainRuntime(resume=True))
     assert _eval_rows(tmp_path / "cut") == _eval_rows(tmp_path / "whole")
 
 
 def test_existing_run_needs_resume(tmp_path, tiny_config):
-    train_run(tiny_config, "mean", 0, tmp_path / "r")
+    train_run(RunSpec.of(tiny_config, "mean", 0), tmp_path / "r")
     with pytest.raises(CapshapeError, match="--resume"):
-        train_run(tiny_config, "mean", 0, tmp_path / "r")
+        train_run(RunSpec.of(tiny_config, "mean", 0), tmp_path / "r")
 
 
 def test_truncated_checkpoint_is_detected(tmp_path, tiny_config):
-    train_run(tiny_config, "mean", 0, tmp_path / "r")
+    train_run(RunSpec.of(tiny_config, "mean", 0), tmp_path / "r")
     path = tmp_path / "r" / "checkpoints" / "last.safetensors"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CapshapeError, match="corrupted or truncated"):
@@ -63,7 +63,7 @@ def test_truncated_checkpoint_is_detected(tmp_path, tiny_config):
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, tiny_config):
     config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"lr": 1e30, "grad_clip": None})})
     with pytest.raises(CapshapeError, match="Non-finite"):
-        train_run(config, "mean", 0, tmp_path / "r")
+        train_run(RunSpec.of(config, "mean", 0), tmp_path / "r")
     assert RunDir(tmp_path / "r").status()["status"] == "failed"
 
 
@@ -78,10 +78,10 @@ def test_learning_rate_schedule(tiny_config):
 def test_resume_from_a_checkpoint_between_evaluations_is_exact(tmp_path, tiny_config):
     """Checkpoint at step 3, evaluations at 4 and 8: the running training statistics must survive."""
     config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"checkpoint_every": 3})})
-    train_run(config, "grouped", 0, tmp_path / "whole")
+    train_run(RunSpec.of(config, "grouped", 0), tmp_path / "whole")
     interrupted_run(config, "grouped", tmp_path / "cut", at_step=5)
     assert read_tensors(tmp_path / "cut" / "checkpoints" / "last.safetensors")[1]["step"] == 3
-    train_run(config, "grouped", 0, tmp_path / "cut", resume=True)
+    train_run(RunSpec.of(config, "grouped", 0), tmp_path / "cut", TrainRuntime(resume=True))
     assert _eval_rows(tmp_path / "cut") == _eval_rows(tmp_path / "whole")
 
 
@@ -93,15 +93,15 @@ def test_checkpoint_from_another_version_is_a_clear_error(tmp_path, tiny_config)
     del meta["running"]
     save_file(tensors, str(path), metadata={"capshape": json.dumps(meta)})
     with pytest.raises(CapshapeError, match="lacks 'running'.*delete the run's checkpoints/"):
-        train_run(config, "mean", 0, tmp_path / "cut", resume=True)
+        train_run(RunSpec.of(config, "mean", 0), tmp_path / "cut", TrainRuntime(resume=True))
 
 
 def test_every_run_records_its_provenance_and_a_resume_adds_a_segment(tmp_path, tiny_config):
-    summary = train_run(tiny_config, "mean", 0, tmp_path / "whole")
+    summary = train_run(RunSpec.of(tiny_config, "mean", 0), tmp_path / "whole")
     (record,) = summary["provenance"]
     assert record["from_step"] == 0 and record["threads"] == torch.get_num_threads() == tiny_config.train.threads
     assert record["torch"] == torch.__version__ and record["device"] == "cpu" and record["cpu"]
     assert record["commit"] is None or len(record["commit"].removesuffix("+dirty")) == 40
     interrupted_run(tiny_config, "mean", tmp_path / "cut", at_step=6)
-    resumed = train_run(tiny_config, "mean", 0, tmp_path / "cut", resume=True)
+    resumed = train_run(RunSpec.of(tiny_config, "mean", 0), tmp_path / "cut", TrainRuntime(resume=True))
     assert [segment["from_step"] for segment in resumed["provenance"]] == [0, 4]

@@ -14,7 +14,6 @@ from capshape.cli import app
 from capshape.config import RunConfig, build_config
 from capshape.errors import CapshapeError
 from capshape.experiments import build_report, kit, run
-from capshape.experiments import transfer as protocol
 from capshape.experiments.transfer import (TransferConfig, base_path, cell_dir, cell_specs, check_transfer_config,
                                            stage_a_dir)
 from capshape.experiments.transfer_proxy import task_affinities
@@ -22,7 +21,7 @@ from capshape.experiments.transfer_stats import cluster, metric_stats, rank_agre
 from capshape.metrics.stats import t_interval
 from capshape.models import build_model, per_example_losses
 from capshape.runstore import read_json
-from capshape.tasks import TOKENS
+from capshape.tasks import TOKEN_INPUTS
 from capshape.train import prepare_data
 from helpers import TINY_MODEL
 
@@ -204,7 +203,7 @@ def test_rank_agreement_overall_and_per_target():
 def test_lookahead_and_cosine_match_a_direct_computation():
     torch.manual_seed(0)
     config = tiny()
-    model = build_model(config.model, TOKENS)
+    model = build_model(config.model, TOKEN_INPUTS)
     data = prepare_data(build_config({"data": {"tasks": ["copy", "add"], "train_examples": 8, "eval_examples": 4},
                                       "model": TINY["model"]}), 0).data
     inputs, labels = [d.train.inputs for d in data], [d.train.labels for d in data]

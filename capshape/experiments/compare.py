@@ -8,8 +8,6 @@ checkpoint, progress bars).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
 import numpy as np
 
 from capshape.config import RunConfig
@@ -20,11 +18,17 @@ from capshape.metrics.stats import paired_difference
 from capshape.report import comparison_page
 from capshape.report.verdict import verdict_lines
 from capshape.runstore import RunDir, read_json, run_name
-from capshape.train import check_config, train_run
+from capshape.train import RunSpec, TrainRuntime, check_config, train_run
 from capshape.train.summary import LEVELS
 
 EMERGENCE_KEYS = ("step_10", "step_50", "step_90", "transition_width", "max_slope_per_pct", "jump",
                   "breakthroughness", "logistic_width")
+
+
+def train_cell(config: RunConfig, objective: str, seed: int, out: Path, device: str = "cpu", resume: bool = False,
+               on_progress=None) -> dict:
+    """One objective x seed of `config` as an executor cell."""
+    return train_run(RunSpec.of(config, objective, seed), out, TrainRuntime(device, resume, on_progress))
 
 
 def run(config: RunConfig, out: Path, runtime: Runtime) -> dict:
@@ -33,8 +37,8 @@ def run(config: RunConfig, out: Path, runtime: Runtime) -> dict:
     held = [run_name(o, s) for o, s in specs if RunDir(out / run_name(o, s)).status()["status"] != "missing"]
     if held and not runtime.resume:  # runs left without the comparison's config.json: never train over them
         raise CapshapeError(f"{out / held[0]} already holds a run: pass --resume or choose another --out.")
-    cells = [Cell(run_name(o, s), train_run, config.train.steps,
-                  dict(config=config, objective_name=o, seed=s, out=out / run_name(o, s), resume=runtime.resume,
+    cells = [Cell(run_name(o, s), train_cell, config.train.steps,
+                  dict(config=config, objective=o, seed=s, out=out / run_name(o, s), resume=runtime.resume,
                        device=runtime.device), retry_kwargs={"resume": True})
              for o, s in specs]
     failures = execute(cells, config, runtime)

@@ -31,7 +31,7 @@ from capshape.models.autoencoder import Autoencoder
 from capshape.models.hooks import SiteModel
 from capshape.routing import ActivationRouter, RoutedLosses, Routes
 from capshape.runstore import read_json, write_json
-from capshape.train import StepHooks, load_model, prepare_data, train_run
+from capshape.train import RunSpec, StepHooks, TrainRuntime, load_model, prepare_data, train_run
 
 HALVES = ("first", "second")  # first half of the encoding: digits 0-4; second: digits 5-9
 
@@ -104,17 +104,17 @@ def train_split(section: DigitsSplitSection, directory: Path, seed: int, routed:
     autoencoder = Autoencoder(64, section.hidden, section.latent)
     label = "routed" if routed else "control"
     hooks = routing_hooks(section, routed)
-    train_run(config, "mean", seed, directory / "autoencoder", resume=True, hooks=hooks, model=autoencoder,
-              on_progress=progress(f"digits {label} autoencoder", section.steps))
+    train_run(RunSpec.of(config, "mean", seed, hooks=hooks, model=autoencoder), directory / "autoencoder",
+              TrainRuntime(resume=True, on_progress=progress(f"digits {label} autoencoder", section.steps)))
     load_model(directory / "autoencoder" / "model.safetensors", autoencoder)
     half = section.latent // 2
     errors = {"autoencoder": per_digit_errors(autoencoder, config, seed)}
     for name, units in zip(HALVES, (slice(0, half), slice(half, section.latent))):
         certificate = Certificate(autoencoder.encoder, units, section.hidden, 64)
         cert_config = stage_config(section, section.certificate_steps)
-        train_run(cert_config, "mean", seed, directory / f"certificate_{name}", resume=True,
-                  hooks=StepHooks(losses=reconstruction_losses), model=certificate,
-                  on_progress=progress(f"digits {label} certificate {name}", section.certificate_steps))
+        train_run(RunSpec.of(cert_config, "mean", seed, hooks=StepHooks(losses=reconstruction_losses), model=certificate),
+                  directory / f"certificate_{name}",
+                  TrainRuntime(resume=True, on_progress=progress(f"digits {label} certificate {name}", section.certificate_steps)))
         load_model(directory / f"certificate_{name}" / "model.safetensors", certificate)
         errors[f"certificate_{name}"] = per_digit_errors(certificate, cert_config, seed)
     return errors

@@ -55,7 +55,8 @@ from capshape.runstore import RunDir, read_json, write_json
 from capshape.tasks import build_suite
 from capshape.tasks.backdoor import ATTACK, TriggerKind, TriggerParams
 from capshape.tasks.data import task_seed
-from capshape.train import StepHooks, check_config, load_model, save_model, train_run
+from capshape.train import (RunSpec, StepHooks, TrainRuntime, check_config, initial_model, load_model, save_model,
+                             train_run)
 
 Init = Literal["fresh", "teacher_init", "teacher_weights"]
 BACKDOORED, FINETUNE, CLEAN = "backdoored", "finetune", "clean"
@@ -149,8 +150,8 @@ class SeedStages:
 
     def train(self, directory: Path, run_config: RunConfig, losses=None) -> Path:
         hooks = StepHooks() if losses is None else StepHooks(losses=losses)
-        train_run(run_config, "mean", self.seed, directory, resume=True, hooks=hooks, device=self.device,
-                  on_progress=self.progress.stage(run_config.train.steps))
+        train_run(RunSpec.of(run_config, "mean", self.seed, hooks=hooks), directory,
+                  TrainRuntime(device=self.device, resume=True, on_progress=self.progress.stage(run_config.train.steps)))
         if isinstance(losses, TriggerFreeGuard) and losses.batches:
             record_guard(directory, losses)
         return directory / "model.safetensors"
@@ -159,8 +160,7 @@ class SeedStages:
         """Initial weights from `init_seed` (the seed train_run itself would use), saved once."""
         path = self.root / "inits" / f"{name}.safetensors"
         if not path.exists():
-            torch.manual_seed(init_seed)
-            save_model(path, build_model(self.config.model, spec))
+            save_model(path, initial_model(self.config, spec, init_seed))
         return path
 
 

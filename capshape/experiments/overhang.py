@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from capshape.config import RunConfig, Section
@@ -41,13 +40,13 @@ from capshape.experiments.executor import Cell
 from capshape.experiments.kit import Protocol, Runtime, execute
 from capshape.metrics import step_reaching, steps_to_fraction
 from capshape.metrics.stats import t_interval
-from capshape.models import build_model
 from capshape.routing import Routes, contract_mlp
 from capshape.routing.era import FORGET, RETAIN, RoutingSection
 from capshape.report.overhang import overhang_report
 from capshape.runstore import RunDir, read_json, run_name, write_json
-from capshape.tasks import TASKS, TOKENS
-from capshape.train import StepHooks, check_config, load_model, save_model, train_run
+from capshape.tasks import TASKS, TOKEN_INPUTS
+from capshape.train import (RunSpec, StepHooks, TrainRuntime, check_config, initial_model, load_model, save_model,
+                             train_run)
 
 Regime = Literal["mean_zipf", "grouped_zipf", "uniform", "routed_ablated", "never_trained"]
 REFERENCE, ROUTED = "never_trained", "routed_ablated"
@@ -120,16 +119,17 @@ def phase1_cell(config: OverhangConfig, regime: str, seed: int, out: Path, devic
                 on_progress=None) -> None:
     run_config = phase1_config(config, regime)
     if regime != ROUTED:
-        train_run(run_config, run_config.objectives[0], seed, out, resume=True, on_progress=on_progress, device=device)
+        train_run(RunSpec.of(run_config, run_config.objectives[0], seed), out,
+                  TrainRuntime(device=device, resume=True, on_progress=on_progress))
         return
     routing = config.overhang.routing
-    torch.manual_seed(seed)
-    model = build_model(config.model, TOKENS)
+    model = initial_model(config, TOKEN_INPUTS, seed)
     expansion = routing.expand(model, seed)
     routes = Routes([FORGET if task == config.overhang.target else RETAIN for task in run_config.data.tasks])
     write_json(out / "expansion.json", expansion.to_json())
-    train_run(run_config, "mean", seed, out, resume=True, on_progress=on_progress, hooks=StepHooks.of(routing.step(expansion, routes)),
-              model=model, device=device)
+    train_run(RunSpec.of(run_config, "mean", seed, hooks=StepHooks.of(routing.step(expansion, routes)), model=model),
+              out,
+              TrainRuntime(device=device, resume=True, on_progress=on_progress))
     model = model.cpu()
     load_model(out / "model.safetensors", model)
     contract_mlp(model, expansion)
@@ -143,7 +143,8 @@ def phase2_start(regime: str) -> str:
 
 def phase2_cell(config: OverhangConfig, seed: int, init_from: Path, out: Path, device: str = "cpu",
                 on_progress=None) -> None:
-    train_run(phase2_config(config, init_from), "mean", seed, out, resume=True, on_progress=on_progress, device=device)
+    train_run(RunSpec.of(phase2_config(config, init_from), "mean", seed), out,
+              TrainRuntime(device=device, resume=True, on_progress=on_progress))
 
 
 def run(config: OverhangConfig, out: Path, runtime: Runtime) -> dict:

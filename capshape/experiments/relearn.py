@@ -18,7 +18,7 @@ import numpy as np
 from capshape.config import RunConfig
 from capshape.metrics import step_reaching
 from capshape.runstore import RunDir
-from capshape.train import evaluate, prepare_data, train_run
+from capshape.train import RunSpec, TrainRuntime, evaluate, prepare_data, train_run
 
 
 def relearn_config(base: RunConfig, forget: list[str], n: int, steps: int, lr: float, batch_size: int,
@@ -83,7 +83,8 @@ def run_relearning(base: RunConfig, forget: list[str], model_path: Path, referen
         for seed in seeds:
             config = relearn_config(base, forget, n, steps, lr, batch_size, model_path)
             path = run_dir(directory, n, seed)
-            train_run(config, "mean", seed, path, resume=True, on_progress=progress(f"{path.parent.name} n={n} s={seed}", steps))
+            train_run(RunSpec.of(config, "mean", seed), path,
+                      TrainRuntime(resume=True, on_progress=progress(f"{path.parent.name} n={n} s={seed}", steps)))
             curve = forget_curve(RunDir(path).read_metrics(), forget)
             target = recover * references[seed]["accuracy"]
             runs.append({"seed": seed, "curve": curve, "min_loss": min(curve["loss"]), "target_accuracy": target,

@@ -41,8 +41,8 @@ from capshape.experiments.transfer_stats import METRICS, from_json, metric_stats
 from capshape.report.transfer import transfer_report
 from capshape.runstore import RunDir, read_json, write_json
 from capshape.models import build_model
-from capshape.tasks import TASKS, TOKENS
-from capshape.train import StepHooks, check_config, load_model, train_run
+from capshape.tasks import TASKS, TOKEN_INPUTS
+from capshape.train import RunSpec, StepHooks, TrainRuntime, check_config, load_model, train_run
 
 BASELINE = "none"  # the source-task label of B-only cells in directory names
 
@@ -136,7 +136,7 @@ def check_base(config: TransferConfig, base: Path) -> None:
     path = base_model_path(base)
     if not path.is_file():
         raise CapshapeError(f"transfer.base: {str(path)!r} does not exist: point it at a run directory or a model.safetensors.")
-    load_model(path, build_model(config.model, TOKENS))
+    load_model(path, build_model(config.model, TOKEN_INPUTS))
 
 
 def base_model_path(base: Path) -> Path:
@@ -203,15 +203,16 @@ def loop_seconds(run: Path) -> float:
 # ---- cells: module-level functions run in worker processes --------------------------------------
 
 def pretrain_cell(config: TransferConfig, out: Path, device: str = "cpu", on_progress=None) -> None:
-    train_run(pretrain_config(config), "mean", config.transfer.seeds[0], Path(out) / "base", resume=True,
-              on_progress=on_progress, device=device)
+    train_run(RunSpec.of(pretrain_config(config), "mean", config.transfer.seeds[0]), Path(out) / "base",
+              TrainRuntime(device=device, resume=True, on_progress=on_progress))
 
 
 def stage_a_cell(config: TransferConfig, task: str, seed: int, out: Path, device: str = "cpu", on_progress=None) -> None:
     t = config.transfer
     others = [b for b in t.tasks if b != task]
-    train_run(finetune_config(config, [task], t.n_a, t.steps_a, t.batch_a, base_path(config, out), others),
-              "mean", seed, stage_a_dir(out, task, seed), resume=True, on_progress=on_progress, device=device)
+    train_run(RunSpec.of(finetune_config(config, [task], t.n_a, t.steps_a, t.batch_a, base_path(config, out), others), "mean", seed),
+              stage_a_dir(out, task, seed),
+              TrainRuntime(device=device, resume=True, on_progress=on_progress))
 
 
 def transfer_cell(config: TransferConfig, a: Optional[str], b: str, seed: int, out: Path, device: str = "cpu",
@@ -225,8 +226,9 @@ def transfer_cell(config: TransferConfig, a: Optional[str], b: str, seed: int, o
             raise CapshapeError(f"stage A of '{a}' (seed {seed}) did not finish: see {stage_a / 'status.json'}.")
         start = stage_a / "model.safetensors"
     directory = cell_dir(out, a, b, seed)
-    train_run(finetune_config(config, [b], t.n_b, t.steps_b, t.batch_b, start), "mean", seed,
-              directory / "stage_b", resume=True, on_progress=on_progress, device=device)
+    train_run(RunSpec.of(finetune_config(config, [b], t.n_b, t.steps_b, t.batch_b, start), "mean", seed),
+              directory / "stage_b",
+              TrainRuntime(device=device, resume=True, on_progress=on_progress))
     rows = RunDir(directory / "stage_b").read_metrics()
     result = {"a": a, "b": b, "seed": seed, "n_a": t.n_a if a else 0, "n_b": t.n_b,
               "stage_a": None if a is None else str(stage_a_dir(out, a, seed).relative_to(out)),
@@ -245,8 +247,8 @@ def proxy_cell(config: TransferConfig, out: Path, device: str = "cpu", on_progre
     probe = AffinityProbe(len(t.tasks), t.proxy_every, t.proxy_lr)
     if directory.exists():  # an interrupted probe's sums are lost with its process: measure again
         shutil.rmtree(directory)
-    train_run(run_config, "mean", t.seeds[0], directory, on_progress=on_progress, device=device,
-              hooks=StepHooks(after_backward=probe))
+    train_run(RunSpec.of(run_config, "mean", t.seeds[0], hooks=StepHooks(after_backward=probe)), directory,
+              TrainRuntime(device=device, on_progress=on_progress))
     write_json(directory / "proxy.json", {"tasks": t.tasks, **probe.result(), "seconds": loop_seconds(directory)})
 
 

@@ -52,8 +52,9 @@ from capshape.report.unlearn import unlearn_report
 from capshape.routing import Routes, contract_mlp
 from capshape.routing.era import FORGET, RETAIN, RoutingSection
 from capshape.runstore import read_json, write_json
-from capshape.tasks import TOKENS
-from capshape.train import StepHooks, check_config, evaluate, load_model, prepare_data, save_model, train_run
+from capshape.tasks import TOKEN_INPUTS
+from capshape.train import (RunSpec, StepHooks, TrainRuntime, check_config, evaluate, initial_model, load_model,
+                             prepare_data, save_model, train_run)
 
 
 class ERASection(RoutingSection):
@@ -174,7 +175,7 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
     if u.digits.latent % 2:
         raise CapshapeError(f"unlearn.digits.latent: must be even to split in halves (got {u.digits.latent}).")
     check_config(pretrain_config(config))
-    model = build_model(config.model, TOKENS)
+    model = build_model(config.model, TOKEN_INPUTS)
     if not any(name.startswith(p) for name, _ in model.named_parameters() for p in u.rmu.trainable):
         raise CapshapeError(f"unlearn.rmu.trainable: no parameter name starts with {u.rmu.trainable} "
                             f"(e.g. 'blocks.0.mlp.', 'blocks.0.').")
@@ -197,8 +198,8 @@ class UnlearnSetup:
         return Routes([FORGET if t in self.forget else RETAIN for t in self.config.data.tasks], labelled)
 
     def fresh_model(self):
-        torch.manual_seed(self.seed)  # the init train_run would draw for the plain model
-        return build_model(self.config.model, TOKENS)
+        """The initial weights of the plain model's run."""
+        return initial_model(self.config, TOKEN_INPUTS, self.seed)
 
     def load(self, path: Path):
         model = self.fresh_model()
@@ -216,10 +217,11 @@ class UnlearnSetup:
         return {"tasks": tasks, **{side: {key: mean(names, key) for key in ("loss", "accuracy", "token_accuracy")}
                                    for side, names in (("forget", self.forget), ("retain", self.retain))}}
 
-    def train(self, config: RunConfig, directory: Path, progress: CellProgress, **options) -> Path:
+    def train(self, config: RunConfig, directory: Path, progress: CellProgress, hooks: Optional[StepHooks] = None,
+              model=None) -> Path:
         """One `train_run` of this setup's objective and seed; returns its model file."""
-        train_run(config, self.objective, self.seed, directory, resume=True, device=self.device,
-                  on_progress=progress.stage(config.train.steps), **options)
+        train_run(RunSpec.of(config, self.objective, self.seed, hooks, model), directory,
+                  TrainRuntime(self.device, resume=True, on_progress=progress.stage(config.train.steps)))
         return directory / "model.safetensors"
 
     def relative(self, path: Path) -> str:

@@ -56,7 +56,7 @@ def _ordered(rows: list[list], index: list[int]) -> np.ndarray:
 
 
 def metric_figures(summary: dict, metric: str) -> dict:
-    """Figure makers for one metric, tasks in the clustering's order."""
+    """The functions drawing one metric's figures, tasks in the clustering's order."""
     stats, tasks = summary["metrics"][metric], summary["tasks"]
     order = stats["clustering"]["order"]
     index = [tasks.index(task) for task in order]
@@ -129,12 +129,12 @@ def proxy_figure(summary: dict):
 
 
 def render_transfer_plots(summary: dict) -> dict[str, bytes]:
-    makers = {}
+    figure_functions = {}
     for metric in METRIC_TITLES:
-        makers.update(metric_figures(summary, metric))
+        figure_functions.update(metric_figures(summary, metric))
     if summary.get("proxy"):
-        makers["proxy"] = lambda: proxy_figure(summary)
-    return {name: png_bytes(make()) for name, make in makers.items()}
+        figure_functions["proxy"] = lambda: proxy_figure(summary)
+    return {name: png_bytes(make()) for name, make in figure_functions.items()}
 
 
 def interval(pair: dict) -> str:

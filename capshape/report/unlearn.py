@@ -112,14 +112,14 @@ def digits_figure(digits: dict):
 
 
 def render_unlearn_plots(summary: dict) -> dict[str, bytes]:
-    makers = {"forget_retain": lambda: bars_figure(summary), "alignment_tax": lambda: tax_figure(summary),
+    figure_functions = {"forget_retain": lambda: bars_figure(summary), "alignment_tax": lambda: tax_figure(summary),
               "relearning_loss": lambda: relearning_figure(summary, "loss"),
               "relearning_accuracy": lambda: relearning_figure(summary, "accuracy")}
     if summary.get("partial"):
-        makers["partial_labels"] = lambda: partial_figure(summary)
+        figure_functions["partial_labels"] = lambda: partial_figure(summary)
     if summary.get("digits"):
-        makers["digits_certificates"] = lambda: digits_figure(summary["digits"])
-    return {name: png_bytes(make()) for name, make in makers.items()}
+        figure_functions["digits_certificates"] = lambda: digits_figure(summary["digits"])
+    return {name: png_bytes(make()) for name, make in figure_functions.items()}
 
 
 def table(headings: list[str], rows: list[list[str]]) -> str:

@@ -7,9 +7,9 @@ from capshape.tasks import backdoor  # noqa: F401  (registers the poisoned-data 
 from capshape.tasks.base import TASKS, FixedTask, Task, compose, exact_match, register
 from capshape.tasks.data import Batch, MixtureSampler, TaskData, build_task_data, mixture_weights
 from capshape.tasks.jsonl import load_jsonl_tasks
-from capshape.tasks.suites import SUITES, TOKENS, InputSpec, Suite, SuiteData, SuiteParams, build_suite
+from capshape.tasks.suites import SUITES, TOKEN_INPUTS, InputSpec, Suite, SuiteData, SuiteParams, build_suite
 from capshape.tasks.tokenizer import TOKENIZER
 
 __all__ = ["TASKS", "Task", "FixedTask", "compose", "exact_match", "register", "Batch", "MixtureSampler",
            "TaskData", "build_task_data", "mixture_weights", "load_jsonl_tasks", "TOKENIZER",
-           "SUITES", "TOKENS", "InputSpec", "Suite", "SuiteData", "SuiteParams", "build_suite"]
+           "SUITES", "TOKEN_INPUTS", "InputSpec", "Suite", "SuiteData", "SuiteParams", "build_suite"]

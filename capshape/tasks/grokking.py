@@ -35,7 +35,7 @@ from capshape.errors import CapshapeError
 from capshape.metrics import grokking_delay, step_reaching
 from capshape.tasks.base import Task
 from capshape.tasks.data import Split, TaskData, task_seed, tokenize
-from capshape.tasks.suites import SUITES, TOKENS, InputSpec, Suite, SuiteData, SuiteParams
+from capshape.tasks.suites import SUITES, TOKEN_INPUTS, InputSpec, Suite, SuiteData, SuiteParams
 from capshape.tasks.tokenizer import IGNORE
 
 Operation = Literal["add", "sub", "mul", "square_sum", "cube_sum"]
@@ -120,7 +120,7 @@ class GrokkingSuite(Suite):
             data += [TaskData(validation, train, val), TaskData(training, train, train)]
             trained += [True, False]
         if params.format == "digits":
-            return SuiteData(data, trained, TOKENS)
+            return SuiteData(data, trained, TOKEN_INPUTS)
         return SuiteData(data, trained, InputSpec("tokens", vocab_size=symbol_vocabulary(params)),
                          probes=lambda model: fourier_share(model, params))
 

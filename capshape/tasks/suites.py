@@ -29,7 +29,7 @@ class InputSpec:
     n_classes: int = 0
 
 
-TOKENS = InputSpec("tokens", vocab_size=TOKENIZER.vocab_size)  # the input of every character-token suite
+TOKEN_INPUTS = InputSpec("tokens", vocab_size=TOKENIZER.vocab_size)  # the input of every character-token suite
 
 
 @dataclass
@@ -92,7 +92,7 @@ class TextSuite(Suite):
     def build(self, data_config, params: SuiteParams, seed: int, max_len: int) -> SuiteData:
         tasks, trained = self.resolve(data_config)
         data = [build_task_data(t, data_config.train_examples, data_config.eval_examples, seed, max_len) for t in tasks]
-        return SuiteData(data, trained, TOKENS)
+        return SuiteData(data, trained, TOKEN_INPUTS)
 
 
 SUITES.add("text", TextSuite())

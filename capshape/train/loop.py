@@ -11,6 +11,7 @@ writing another loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -56,7 +57,9 @@ class StepHooks:
 
 
 @dataclass
-class Prepared:
+class RunData:
+    """A run's data: every task's pools and held-out sets (the suite) and the capability groups."""
+
     suite: SuiteData
     group_names: list[str]
     group_of_task: list[int]  # task index -> group index
@@ -74,7 +77,7 @@ class Prepared:
                               config.train.batch_size, config.data.stratify, seed, config.data.burstiness)
 
 
-def prepare_data(config: RunConfig, seed: int) -> Prepared:
+def prepare_data(config: RunConfig, seed: int) -> RunData:
     suite = build_suite(config.data, seed, config.model.max_len)
     stray = sorted(set(config.data.ungrouped) - {d.task.name for d, trained in zip(suite.data, suite.trained) if trained})
     if stray:
@@ -82,7 +85,7 @@ def prepare_data(config: RunConfig, seed: int) -> Prepared:
     labels = [UNGROUPED if d.task.name in config.data.ungrouped else d.task.name if config.data.group_by == "task"
               else d.task.group for d in suite.data]
     group_names = list(dict.fromkeys(labels))
-    return Prepared(suite, group_names, [group_names.index(label) for label in labels])
+    return RunData(suite, group_names, [group_names.index(label) for label in labels])
 
 
 def check_config(config: RunConfig) -> None:
@@ -132,78 +135,121 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=config.train.lr, betas=config.train.betas)
 
 
-def single_run_config(config: RunConfig, objective: str, seed: int) -> RunConfig:
-    """One objective and seed of `config`, with the objective's parameters resolved (defaults filled in),
-    so that a run's config.json says every value it trained with."""
-    params = build_objective(objective, config.objective.get(objective, {}), num_groups=1).params
-    return config.model_copy(update={"objectives": [objective], "seeds": [seed],
-                                     "objective": {objective: params.model_dump(mode="json")}})
+@dataclass(frozen=True)
+class RunSpec:
+    """What one training run computes: a config that holds one objective and one seed, with the objective's
+    parameters resolved (defaults filled in, so that config.json says every value the run trained with),
+    plus a protocol's step hooks and starting model, if any. Make one with `RunSpec.of`, which validates
+    the objective's parameters."""
+
+    config: RunConfig
+    hooks: Optional[StepHooks] = None
+    model: Optional[torch.nn.Module] = None  # replaces the fresh init (protocols that expand or edit a model)
+
+    @classmethod
+    def of(cls, config: RunConfig, objective: str, seed: int, hooks: Optional[StepHooks] = None,
+           model: Optional[torch.nn.Module] = None) -> "RunSpec":
+        params = build_objective(objective, config.objective.get(objective, {}), num_groups=1).params
+        config = config.model_copy(update={"objectives": [objective], "seeds": [seed],
+                                           "objective": {objective: params.model_dump(mode="json")}})
+        return cls(config, hooks, model)
+
+    @property
+    def objective(self) -> str:
+        return self.config.objectives[0]
+
+    @property
+    def seed(self) -> int:
+        return self.config.seeds[0]
 
 
-def train_run(config: RunConfig, objective_name: str, seed: int, out: Path, resume: bool = False,
-              on_progress: Optional[ProgressFn] = None, device: str = "cpu", hooks: Optional[StepHooks] = None,
-              model: Optional[torch.nn.Module] = None) -> dict:
-    """Train one model under one objective and seed into run directory `out`; returns its summary.
+@dataclass(frozen=True)
+class TrainRuntime:
+    """How a run is executed, never what it computes."""
 
-    `model` replaces the freshly built one (protocols that expand or edit a model pass it here).
-    `device`: "cpu", "cuda", "cuda:1" or "auto". Inside a torch.distributed process group (torchrun,
-    see capshape/train/parallel.py) every rank calls this with the same arguments; rank 0 alone
-    writes `out` and returns the summary, the other ranks return {}.
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1" or "auto"
+    resume: bool = False  # continue from the run directory's checkpoint (a finished run is returned as is)
+    on_progress: Optional[ProgressFn] = None  # called with (step, mean loss) after every step
+
+
+def train_run(spec: RunSpec, out: Path, runtime: TrainRuntime = TrainRuntime()) -> dict:
+    """Train `spec` into run directory `out`; returns its summary.
+
+    Inside a torch.distributed process group (torchrun, see capshape/train/parallel.py) every rank
+    calls this with the same arguments; rank 0 alone writes `out` and returns the summary, the other
+    ranks return {}.
     """
-    device = resolve_device(device)
+    runtime = dataclasses.replace(runtime, device=resolve_device(runtime.device))
     if not collectives.is_main():
-        return _train_locked(config, objective_name, seed, RunDir(out), resume, on_progress, device, hooks, model)
+        return _train_in(RunDir(out), spec, runtime)
     with exclusive(out):
-        return _train_locked(config, objective_name, seed, RunDir(out), resume, on_progress, device, hooks, model)
+        return _train_in(RunDir(out), spec, runtime)
 
 
-def _train_locked(config: RunConfig, objective_name: str, seed: int, run: RunDir, resume: bool,
-                  on_progress: Optional[ProgressFn], device: str, hooks: Optional[StepHooks],
-                  model: Optional[torch.nn.Module]) -> dict:
+def _train_in(run: RunDir, spec: RunSpec, runtime: TrainRuntime) -> dict:
+    """The run directory's lifecycle around the training: resume checks, config.json, status."""
     main = collectives.is_main()
     previous = collectives.broadcast_object(run.status()["status"] if main else None)  # rank 0 decides for all
-    if previous != "missing" and not resume:
+    if previous != "missing" and not runtime.resume:
         raise CapshapeError(f"{run.path} already holds a run ({previous}): pass --resume or choose another --out.")
-    config = single_run_config(config, objective_name, seed)
+    identity = dict(objective=spec.objective, seed=spec.seed)
     if main and previous != "missing":  # a resumed run continues only with what it trained with, from a sound checkpoint
-        check_resumable(run.path, config.model_dump(mode="json"), True, "a run")
+        check_resumable(run.path, spec.config.model_dump(mode="json"), True, "a run")
         if previous != "finished" and run.checkpoint_path.exists():
             read_tensors(run.checkpoint_path)
     if previous == "finished":
         return read_json(run.path / "summary.json") if main else {}
     if main:
-        write_json(run.path / "config.json", config.model_dump(mode="json"))
-        run.set_status("running", objective=objective_name, seed=seed)
+        write_json(run.path / "config.json", spec.config.model_dump(mode="json"))
+        run.set_status("running", **identity)
     try:
-        summary = _setup_and_train(config, objective_name, seed, run, resume, on_progress, device, hooks, model)
+        summary = _train(run, spec, runtime)
     except BaseException as error:
         if main:
-            run.set_status("failed", objective=objective_name, seed=seed, error=str(error) or type(error).__name__)
+            run.set_status("failed", **identity, error=str(error) or type(error).__name__)
         raise
     if main:
-        run.set_status("finished", objective=objective_name, seed=seed, step=config.train.steps)
+        run.set_status("finished", **identity, step=spec.config.train.steps)
     return summary
 
 
-def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: RunDir, resume: bool,
-                     on_progress: Optional[ProgressFn], device: str, hooks: Optional[StepHooks],
-                     model: Optional[torch.nn.Module]) -> dict:
-    torch.set_num_threads(config.train.threads or max(1, (os.cpu_count() or 1) // (config.workers * collectives.world_size())))
+def initial_model(config: RunConfig, input_spec, seed: int) -> torch.nn.Module:
+    """The model a run with `seed` starts from: the one place initial weights are drawn (protocols that
+    need a run's initial weights before it trains call this too)."""
     torch.manual_seed(seed)
-    prepared = prepare_data(config, seed)
+    return build_model(config.model, input_spec)
+
+
+@dataclass
+class Training:
+    """A run in progress: what the loop steps and what the checkpoint keeps."""
+
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    sampler: MixtureSampler
+    data: RunData
+
+
+def _train(run: RunDir, spec: RunSpec, runtime: TrainRuntime) -> dict:
+    config, seed, device = spec.config, spec.seed, runtime.device
+    torch.set_num_threads(config.train.threads or max(1, (os.cpu_count() or 1) // (config.workers * collectives.world_size())))
+    data = prepare_data(config, seed)
+    model = spec.model
     if model is None:
-        model = build_model(config.model, prepared.suite.input_spec)
+        model = initial_model(config, data.suite.input_spec, seed)
         if config.train.init_from is not None:
             load_model(config.train.init_from, model)
+    else:
+        torch.manual_seed(seed)  # the same random stream after the init as a fresh run's
     model = model.to(device)
-    objective = build_objective(objective_name, config.objective.get(objective_name, {}), len(prepared.group_names))
-    optimizer = make_optimizer(model, config)
-    sampler = prepared.sampler(config, seed)
+    objective = build_objective(spec.objective, config.objective[spec.objective], len(data.group_names))
+    training = Training(model, objective, make_optimizer(model, config), data.sampler(config, seed), data)
     start, running = 0, None
     main = collectives.is_main()
     measured: set[int] = set()  # eval steps whose metrics row is stored
-    if resume and run.checkpoint_path.exists():
-        start, running = load_checkpoint(run.checkpoint_path, model, optimizer, objective, sampler)  # every rank reads it
+    if runtime.resume and run.checkpoint_path.exists():  # every rank reads it
+        start, running = load_checkpoint(run.checkpoint_path, model, training.optimizer, objective, training.sampler)
         if main:
             measured = run.keep_until(start)
     elif main:
@@ -213,10 +259,10 @@ def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: Run
     if main:  # one entry per process that trained a segment of the run: a resume may differ in threads or commit
         earlier = read_json(run.provenance_path) if start and run.provenance_path.exists() else []
         write_json(run.provenance_path, earlier + [{"from_step": start, **provenance(device)}])
-    _loop(config, run, model, objective, optimizer, sampler, prepared, start, running, measured, on_progress, device,
-          hooks or StepHooks())
+    _loop(run, config, training, spec.hooks or StepHooks(), runtime, start, running, measured)
     if not main:
         return {}
+    prepared, sampler = training.data, training.sampler
     data, rows = prepared.data, run.read_metrics()
     summary = summarize_run(
         rows,
@@ -227,7 +273,7 @@ def _setup_and_train(config: RunConfig, objective_name: str, seed: int, run: Run
         {d.task.name: d.task.chance for d in data},
         {d.task.name: float(p) for d, p in zip(sampler.data, sampler.data_mixture)},
     )
-    summary = {"objective": objective_name, "seed": seed, **summary,
+    summary = {"objective": spec.objective, "seed": seed, **summary,
                "suite_metrics": SUITES.get(config.data.suite).summary_extras(rows),
                "provenance": read_json(run.provenance_path)}
     write_json(run.path / "summary.json", summary)
@@ -269,10 +315,12 @@ def training_step(step: int, config: RunConfig, model, objective: Objective, opt
     return StepResult(losses.detach(), weighting, grad_norm, finite, record)
 
 
-def _loop(config: RunConfig, run: RunDir, model, objective: Objective, optimizer, sampler: MixtureSampler,
-          prepared: Prepared, start: int, running: Optional[dict], measured: set[int],
-          on_progress: Optional[ProgressFn], device: str, hooks: StepHooks) -> None:
-    steps, train = config.train.steps, config.train
+def _loop(run: RunDir, config: RunConfig, training: Training, hooks: StepHooks, runtime: TrainRuntime, start: int,
+          running: Optional[dict], measured: set[int]) -> None:
+    """Steps `start`..steps: evaluation rows, checkpoints and snapshots on their schedule (rank 0)."""
+    model, objective, optimizer, sampler, prepared = (training.model, training.objective, training.optimizer,
+                                                      training.sampler, training.data)
+    steps, train, device, on_progress = config.train.steps, config.train, runtime.device, runtime.on_progress
     totals = running or dict.fromkeys(("loss", "objective", "grad_norm", "count", "skipped"), 0.0)
     started = time.perf_counter()
     model.train()

@@ -212,6 +212,40 @@ def tasks():
     console.print(table)
 
 
+def _fields_table(title: str, components: dict) -> Table:
+    """Each component's parameter fields (a pydantic Params class): name, default, description."""
+    from rich.markup import escape
+
+    table = Table("name", "parameter", "default", "description", title=escape(title))
+    for name, params in components.items():
+        fields = params.model_fields
+        if not fields:
+            table.add_row(name, "—", "", "no parameters")
+        for index, (field, info) in enumerate(fields.items()):
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            table.add_row(name if index == 0 else "", field, escape(default), escape(info.description or ""))
+    return table
+
+
+@app.command()
+@user_errors
+def objectives():
+    """List the objectives with their parameters ([objective.<name>] in a config)."""
+    from capshape.objectives import OBJECTIVES
+
+    console.print(_fields_table("objectives: [objective.<name>] fields", {name: OBJECTIVES.get(name).Params
+                                                                             for name in OBJECTIVES}))
+
+
+@app.command()
+@user_errors
+def suites():
+    """List the data suites with their parameters (data.suite_params in a config)."""
+    from capshape.tasks.suites import SUITES
+
+    console.print(_fields_table("suites: data.suite_params fields", {name: SUITES.get(name).Params for name in SUITES}))
+
+
 @app.command()
 @user_errors
 def runs(root: Path = typer.Argument(Path("runs"), help="Directory holding run directories.")):

@@ -112,3 +112,12 @@ def test_cell_progress_continues_the_count_across_runs():
     second(5, 0.0)
     assert seen == [10, 11, 15] and progress.steps_done == 15
     assert CellProgress().stage(3) is None
+
+
+def test_objective_and_suite_parameters_are_listed_with_their_fields():
+    runner = CliRunner()
+    objectives = runner.invoke(app, ["objectives"], terminal_width=240)
+    assert objectives.exit_code == 0 and "[objective.<name>]" in objectives.output
+    assert "Exponent of each group loss." in objectives.output and "doremi" in objectives.output
+    suites = runner.invoke(app, ["suites"], terminal_width=240)
+    assert suites.exit_code == 0 and "train_fraction" in suites.output and "sparse_parity" in suites.output

@@ -358,9 +358,11 @@ def test_scaling_law_fit_recovers_known_exponents():
               for pair, k in (("a->b", 2.0), ("b->a", 0.5)) for n_b in (10, 30, 100) for n in (1e4, 4e4, 1.6e5)]
     points.append({"pair": "a->b", "edt": -3.0, "n_b": 10, "parameters": 1e4})  # negative: left out of the log fit
     fit = fit_transfer_law(points)
-    assert fit["fitted"] and fit["n"] == 18 and fit["pairs"] == 2
+    assert fit["fitted"] and fit["n"] == 18 and fit["pairs"] == 2 and fit["dof"] == 14
     assert fit["alpha"]["value"] == pytest.approx(0.5) and fit["beta"]["value"] == pytest.approx(0.3)
     assert fit["k"]["a->b"] == pytest.approx(2.0) and fit["r2"] == pytest.approx(1.0)
     one_size = fit_transfer_law([p for p in points if p["parameters"] == 1e4])
     assert "beta" not in one_size and one_size["alpha"]["value"] == pytest.approx(0.5)
     assert not fit_transfer_law(points[:2])["fitted"]
+    lone = fit_transfer_law(points + [{"pair": "c->d", "edt": 5.0, "n_b": 10, "parameters": 1e4}])
+    assert lone["pairs"] == 2  # a pair with one point fits only its own intercept: left out

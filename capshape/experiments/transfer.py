@@ -463,7 +463,7 @@ def headline(summary: dict) -> list:
         if fit.get("fitted"):
             terms = ", ".join(f"{t} = {fit[t]['value']:.2f} [{fit[t]['low']:.2f}, {fit[t]['high']:.2f}]"
                               for t in ("alpha", "beta") if t in fit)
-            lines.append(f"D_T ≈ k·n_b^α·N^β fit ({metric}, {fit['n']} points): {terms}")
+            lines.append(f"D_T ≈ k·n_b^α·N^β fit ({metric}, {fit['n']} points, {fit['dof']} dof): {terms}")
     return lines
 
 

@@ -218,26 +218,31 @@ def edt_stats(cells: list[dict], tasks: list[str], n_a: int, n_b: int, metric: s
 def fit_transfer_law(points: list[dict]) -> dict:
     """Least-squares fit of log D_T = log k_pair + α·log D_F + β·log N (Hernandez et al. 2021, with one
     intercept per ordered pair) over `points` ({"pair", "edt", "n_b", "parameters"}) with D_T = edt > 0
-    (uncensored means), D_F = n_b and N the model's parameter count; β only when two or more sizes are
-    present, α only when two or more n_b. Standard errors from the residual variance."""
+    (uncensored means), D_F = n_b and N the model's parameter count. Only pairs with two or more such
+    points inform the exponents, so the others are left out; β is fitted when two or more sizes are
+    present, α when two or more n_b. Intervals: 95 % Student-t with the residual degrees of freedom."""
     points = [p for p in points if p["edt"] is not None and p["edt"] > 0]
+    counts = {pair: sum(p["pair"] == pair for p in points) for pair in {p["pair"] for p in points}}
+    points = [p for p in points if counts[p["pair"]] >= 2]
     pairs = sorted({p["pair"] for p in points})
     terms = [name for name, key in (("alpha", "n_b"), ("beta", "parameters")) if len({p[key] for p in points}) >= 2]
-    if not points or not terms or len(points) <= len(pairs) + len(terms):
-        return {"n": len(points), "fitted": False, "reason": "too few positive, uncensored points for the terms"}
+    dof = len(points) - len(pairs) - len(terms)
+    if not terms or dof < 1:
+        return {"n": len(points), "pairs": len(pairs), "fitted": False,
+                "reason": "too few pairs with two or more positive, uncensored points"}
     design = np.array([[float(p["pair"] == pair) for pair in pairs]
                        + [math.log(p["n_b" if t == "alpha" else "parameters"]) for t in terms] for p in points])
     target = np.log([p["edt"] for p in points])
     coef, *_ = np.linalg.lstsq(design, target, rcond=None)
     residual = target - design @ coef
-    dof = len(points) - design.shape[1]
     variance = float(residual @ residual) / dof
     errors = np.sqrt(np.diag(variance * np.linalg.pinv(design.T @ design)))
     total = float(((target - target.mean()) ** 2).sum())
-    result = {"n": len(points), "pairs": len(pairs), "fitted": True,
+    quantile = float(stats.t.ppf(0.975, dof))
+    result = {"n": len(points), "pairs": len(pairs), "dof": dof, "fitted": True,
               "r2": 1 - float(residual @ residual) / total if total else None,
               "k": {pair: float(math.exp(c)) for pair, c in zip(pairs, coef)}}
     for index, term in enumerate(terms):
         value, error = float(coef[len(pairs) + index]), float(errors[len(pairs) + index])
-        result[term] = {"value": value, "stderr": error, "low": value - 1.96 * error, "high": value + 1.96 * error}
+        result[term] = {"value": value, "stderr": error, "low": value - quantile * error, "high": value + quantile * error}
     return result

@@ -207,7 +207,8 @@ def edt_section(summary: dict) -> str:
             continue
         terms = ", ".join(f"{t} = {fit[t]['value']:.2f} [{fit[t]['low']:.2f}, {fit[t]['high']:.2f}]"
                           for t in ("alpha", "beta") if t in fit)
-        fits.append(f"<li>{escape(metric)}: {terms}; R² = {number(fit['r2'])}, {fit['n']} points, {fit['pairs']} pairs</li>")
+        fits.append(f"<li>{escape(metric)}: {terms}; R² = {number(fit['r2'])}, {fit['n']} points, {fit['pairs']} pairs, "
+                    f"{fit['dof']} residual degrees of freedom</li>")
     return section("Effective data transferred",
                    f"<p>D_T (Hernandez et al. 2021): how many more examples of B than n_B = {summary['n_b'][0]} the base "
                    f"fine-tuned on B alone would need to match A → B, read from B alone's curve at n = "
@@ -215,7 +216,8 @@ def edt_section(summary: dict) -> str:
                    f"monotone). A seed whose A → B beats B alone at the largest size enters at that bound (a lower "
                    f"bound); one below B alone at the smallest size at that bound. n_A = {summary['n_a'][0]}.</p>",
                    *parts, "<p>Fit of log D_T = log k_pair + α·log n_B + β·log N over the sweep's uncensored points "
-                   "(95% intervals from the regression's standard errors):</p>", f"<ul>{''.join(fits)}</ul>")
+                   "(95% Student-t intervals from the regression's standard errors; pairs with a single point are left out, "
+                   "they inform only their own intercept):</p>", f"<ul>{''.join(fits)}</ul>")
 
 
 def widths_section(summary: dict) -> str:

@@ -2,30 +2,25 @@ from pathlib import Path
 
 import pytest
 
-from capshape.config import RunConfig, build_config, load_config, parse_override
+from capshape.config import build_config, load_config, parse_override
 from capshape.errors import CapshapeError
-from capshape.experiments.distill import DistillConfig, check_distill_config
-from capshape.experiments.overhang import OverhangConfig, check_overhang_config
-from capshape.experiments.transfer import TransferConfig, check_transfer_config
-from capshape.experiments.unlearn import UnlearnConfig, check_unlearn_config
+from capshape.experiments import PROTOCOLS, get_protocol
 from capshape.train import check_config
 
 SHIPPED = sorted(Path(__file__).parents[1].glob("configs/*.toml")) + sorted(
     Path(__file__).parents[1].glob("capshape/configs/*.toml"))
 
 
-# Protocol configs extend RunConfig with their own section: file name -> (schema, semantic check).
-PROTOCOL_CONFIGS = {"transfer.toml": (TransferConfig, check_transfer_config),
-                    "unlearn.toml": (UnlearnConfig, check_unlearn_config),
-                    "distill_digits.toml": (DistillConfig, check_distill_config),
-                    "distill_sequence.toml": (DistillConfig, check_distill_config),
-                    "overhang.toml": (OverhangConfig, check_overhang_config)}
+def protocol_of(path: Path):
+    """A protocol's config holds a section named after it ([transfer], [unlearn], ...); else: compare."""
+    text = path.read_text()
+    return get_protocol(next((name for name in PROTOCOLS if f"[{name}]" in text or f"[{name}." in text), "compare"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    schema, check = PROTOCOL_CONFIGS.get(path.name, (RunConfig, check_config))
-    check(load_config(path, schema=schema))
+    protocol = protocol_of(path)
+    protocol.check(load_config(path, schema=protocol.schema))
 
 
 @pytest.mark.parametrize("name", ["demo.toml", "demo_sparse_parity.toml"])
@@ -36,8 +31,9 @@ def test_demo_configs_are_shipped_twice_identically(name):
 
 def test_shipped_comparisons_run_three_seeds():
     for path in SHIPPED:
-        config = load_config(path, schema=PROTOCOL_CONFIGS.get(path.name, (RunConfig,))[0])
-        if path.name not in PROTOCOL_CONFIGS and len(config.objectives) > 1:
+        protocol = protocol_of(path)
+        config = load_config(path, schema=protocol.schema)
+        if protocol.name == "compare" and len(config.objectives) > 1:
             assert len(config.seeds) >= 3, path.name
 
 

@@ -17,7 +17,8 @@ from capshape.experiments import build_report, kit, run
 from capshape.experiments.transfer import (TransferConfig, base_path, cell_dir, cell_specs, check_transfer_config,
                                            stage_a_dir)
 from capshape.experiments.transfer_proxy import task_affinities
-from capshape.experiments.transfer_stats import cluster, metric_stats, rank_agreement, signed_similarity, similarity
+from capshape.experiments.transfer_stats import (cluster, edt_stats, effective_data, fit_transfer_law, learnability,
+                                                 metric_stats, rank_agreement, signed_similarity, similarity)
 from capshape.metrics.stats import t_interval
 from capshape.models import build_model, per_example_losses
 from capshape.runstore import read_json
@@ -30,7 +31,8 @@ TINY = {
     "data": {"train_examples": 100, "eval_examples": 16},
     "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "d_mlp": 32, "max_len": 16},
     "train": {"batch_size": 8, "warmup_steps": 1, "threads": 1},
-    "transfer": {"tasks": ["copy", "reverse", "add"], "seeds": [0, 1], "n_a": 20, "n_b": 4, "steps_a": 3,
+    "transfer": {"tasks": ["copy", "reverse", "add"], "seeds": [0, 1], "n_a": 20, "n_b": 4, "baseline_n_b": [8],
+                 "epochs_b": 1.0, "steps_a": 3,
                  "steps_b": 2, "batch_a": 4, "batch_b": 4, "pretrain_tasks": ["sort"], "pretrain_steps": 4,
                  "proxy_steps": 4, "proxy_every": 2},
 }
@@ -79,29 +81,30 @@ def trained_pool_and_held_out(run_dir, seed):
 def test_every_cell_fine_tunes_on_the_stated_counts(grid):
     config, out, summary = grid
     t = config.transfer
-    assert summary["cells"] == summary["expected_cells"] == len(t.seeds) * len(t.tasks) ** 2
+    k, seeds = len(t.tasks), len(t.seeds)
+    assert summary["cells"] == summary["expected_cells"] == seeds * (k * (k - 1) + k * 2)  # B alone at n = 4 and 8
     assert summary["failed"] == {}
-    for a, b, seed in cell_specs(config):
-        cell = read_json(cell_dir(out, a, b, seed) / "cell.json")
-        assert (cell["a"], cell["b"], cell["seed"], cell["n_b"]) == (a, b, seed, t.n_b)
-        stage_b = cell_dir(out, a, b, seed) / "stage_b"
+    for a, b, n_a, n_b, seed in cell_specs(config):
+        cell = read_json(cell_dir(out, a, b, n_a, n_b, seed) / "cell.json")
+        assert (cell["a"], cell["b"], cell["seed"], cell["n_b"]) == (a, b, seed, n_b)
+        stage_b = cell_dir(out, a, b, n_a, n_b, seed) / "stage_b"
         stored = read_json(stage_b / "config.json")
-        assert stored["data"]["tasks"] == [b] and stored["data"]["train_examples"] == t.n_b
-        assert stored["objectives"] == ["mean"] and stored["train"]["steps"] == t.steps_b
-        start = base_path(config, out) if a is None else stage_a_dir(out, a, seed) / "model.safetensors"
+        assert stored["data"]["tasks"] == [b] and stored["data"]["train_examples"] == n_b
+        assert stored["objectives"] == ["mean"] and stored["train"]["steps"] == max(t.steps_b, n_b // t.batch_b)
+        start = base_path(config, out) if a is None else stage_a_dir(out, a, n_a, seed) / "model.safetensors"
         assert stored["train"]["init_from"] == str(start)
         pool_b, held_out = trained_pool_and_held_out(stage_b, seed)
-        assert len(pool_b) == t.n_b
+        assert len(pool_b) == n_b
         assert not set(pool_b) & set(held_out[b]), "B's held-out prompts in its fine-tuning examples"
-        baseline_pool, baseline_held_out = trained_pool_and_held_out(cell_dir(out, None, b, seed) / "stage_b", seed)
+        baseline_pool, baseline_held_out = trained_pool_and_held_out(cell_dir(out, None, b, 0, n_b, seed) / "stage_b", seed)
         assert pool_b == baseline_pool and held_out[b] == baseline_held_out[b], "A->B and B-only are not paired"
         if a is not None:
-            stage_a = stage_a_dir(out, a, seed)
+            stage_a = stage_a_dir(out, a, n_a, seed)
             stored_a = read_json(stage_a / "config.json")
-            assert stored_a["data"]["tasks"] == [a] and stored_a["data"]["train_examples"] == t.n_a
+            assert stored_a["data"]["tasks"] == [a] and stored_a["data"]["train_examples"] == n_a
             assert stored_a["train"]["init_from"] == str(base_path(config, out))
             pool_a, held_out_a = trained_pool_and_held_out(stage_a, seed)
-            assert len(pool_a) == t.n_a
+            assert len(pool_a) == n_a
             assert held_out_a[b] == held_out[b], "B's held-out set differs between stage A and stage B"
             assert cell["stage_a"] == str(stage_a.relative_to(out))
     base = read_json(out / "base" / "config.json")
@@ -122,15 +125,34 @@ def test_summary_and_report_of_the_grid(grid):
         assert (out / "plots" / f"{name}.png").exists()
     assert page.count('<img src="data:image/png;base64,') == 11
     assert "Cheap proxies" in page and "copy" in page
+    assert page.index("Can the base learn B") < page.index("Held-out loss of B") < page.index("Effective data transferred")
+    assert set(summary["learnability"]["by_size"]) == {"4", "8"}
+    assert list(summary["points"]) == ["na20_nb4"] and summary["edt"] == summary["points"]["na20_nb4"]["edt"]
+    assert len(summary["edt"]["loss"]["pairs"]) == k * (k - 1)
+    assert all(len(p["per_seed"]) == len(config.transfer.seeds) for p in summary["edt"]["loss"]["pairs"])
+
+
+def test_a_sweep_over_sizes_and_examples_fits_the_law(tmp_path, monkeypatch):
+    monkeypatch.setattr(kit, "run_cells", SerialCells())
+    config = tiny(tasks=["copy", "reverse"], seeds=[0], proxy_steps=0, n_a=[10, 20], n_b=[4, 8], baseline_n_b=[16],
+                  widths=[8, 16])
+    summary = run("transfer", config, tmp_path, show_progress=False)
+    assert summary["failed"] == {} and set(summary["widths"]) == {"8", "16"}
+    assert (tmp_path / "w8" / "base" / "model.safetensors").exists() and (tmp_path / "w16" / "cells").is_dir()
+    assert summary["widths"]["8"]["parameters"] < summary["widths"]["16"]["parameters"]
+    assert set(summary["points"]) == {"na10_nb4", "na10_nb8", "na20_nb4", "na20_nb8"}
+    assert set(summary["fit"]) == {"accuracy", "loss"}  # fitted or saying why not: too few positive points
+    assert all("fitted" in fit for fit in summary["fit"].values())
+    assert "Model sizes" in build_report(tmp_path).read_text()
 
 
 def test_resume_computes_only_unfinished_cells(tmp_path, monkeypatch):
     config = tiny(tasks=["copy", "reverse"], seeds=[0], pretrain_tasks=[], proxy_steps=0)
-    crashed = "none->copy seed0"
+    crashed = "none->copy n0/4 seed0"
     first = SerialCells(fail=[crashed])
     monkeypatch.setattr(kit, "run_cells", first)
     summary = run("transfer", config, tmp_path, show_progress=False)
-    assert set(summary["failed"]) == {crashed} and summary["cells"] == 3
+    assert set(summary["failed"]) == {crashed} and summary["cells"] == 5
     finished = {path: path.stat().st_mtime_ns for path in tmp_path.glob("cells/*/cell.json")}
     with pytest.raises(CapshapeError, match="--resume"):
         run("transfer", config, tmp_path, show_progress=False)
@@ -138,13 +160,13 @@ def test_resume_computes_only_unfinished_cells(tmp_path, monkeypatch):
     monkeypatch.setattr(kit, "run_cells", again)
     summary = run("transfer", config, tmp_path, resume=True, show_progress=False)
     assert again.calls == [crashed]
-    assert summary["failed"] == {} and summary["cells"] == 4
+    assert summary["failed"] == {} and summary["cells"] == 6
     assert {path: path.stat().st_mtime_ns for path in finished} == finished
     idle = SerialCells()
     monkeypatch.setattr(kit, "run_cells", idle)
     run("transfer", config, tmp_path, resume=True, show_progress=False)
     assert idle.calls == []
-    with pytest.raises(CapshapeError, match="transfer.n_b=4 but this config has 5"):
+    with pytest.raises(CapshapeError, match=r"transfer.n_b=\[4\] but this config has \[5\]"):
         run("transfer", tiny(tasks=["copy", "reverse"], seeds=[0], pretrain_tasks=[], proxy_steps=0, n_b=5),
                      tmp_path, resume=True, show_progress=False)
 
@@ -229,6 +251,8 @@ def test_lookahead_and_cosine_match_a_direct_computation():
     ({"pretrain_tasks": ["sort", "copy"]}, {}, "share 'copy'"),
     ({"tasks": ["copy", "copy"]}, {}, "lists 'copy' twice"),
     ({"n_b": 0}, {}, "'transfer.n_b'"),
+    ({"n_a": [50, -1]}, {}, "'transfer.n_a'"),
+    ({"widths": [16], "base": "/x"}, {}, "transfer.widths trains a base per model size"),
     ({}, {"seeds": [3]}, "'seeds' is set by the transfer protocol for each stage: set transfer.seeds"),
     ({}, {"train": {"steps": 10}}, "'train.steps' is set by the transfer protocol"),
     ({"base": "/nonexistent/model.safetensors"}, {}, "does not exist"),
@@ -269,6 +293,7 @@ tasks = ["copy", "reverse", "add"]
 seeds = [0, 1]
 n_a = 20
 n_b = 4
+baseline_n_b = []
 steps_a = 3
 steps_b = 2
 batch_a = 4
@@ -290,7 +315,54 @@ def test_transfer_through_the_real_cli_with_two_workers(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cells"] == 18 and summary["failed"] == {} and (out / "report.html").exists()
+    assert "learnability of" in result.output
     assert "report:" in result.output
     resumed = runner.invoke(app, ["transfer", str(config), "--out", str(out), "--resume", "--workers", "1"])
     assert resumed.exit_code == 0, resumed.output
     assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+
+
+def test_effective_data_reads_the_curve_of_b_alone_in_log_n():
+    curve = {10: 0.1, 30: 0.3, 100: 0.5}
+    found = effective_data(curve, 0.4, 10, "accuracy")  # halfway from 30 to 100 in log n: sqrt(3000) examples
+    assert found["censored"] is None and found["edt"] == pytest.approx(math.sqrt(3000) - 10)
+    assert effective_data(curve, 0.3, 10, "accuracy") == {"edt": pytest.approx(20.0), "censored": None}
+    assert effective_data(curve, 0.6, 10, "accuracy") == {"edt": 90.0, "censored": "above"}  # a lower bound
+    assert effective_data(curve, 0.05, 10, "accuracy") == {"edt": 0.0, "censored": "below"}
+    assert effective_data({10: 2.0, 30: 1.0, 100: 0.5}, 1.0, 10, "loss")["edt"] == pytest.approx(20.0)  # lower is better
+    # a curve that dips is made monotone first: 0.08 is worse than B alone at 10 examples
+    assert effective_data({10: 0.1, 30: 0.05, 100: 0.5}, 0.08, 10, "accuracy")["censored"] == "below"
+
+
+def _cell(a, b, seed, n_b, after, before=0.0, n_a=200):
+    return {"a": a, "b": b, "seed": seed, "n_a": n_a if a else 0, "n_b": n_b,
+            "before": {"accuracy": before, "loss": 3.0}, "after": {"accuracy": after, "loss": 3.0 - after}}
+
+
+def test_learnability_and_edt_over_seeds():
+    alone = [_cell(None, b, s, n, after) for s in (0, 1, 2) for b, rise in (("x", 0.3), ("y", 0.0))
+             for n, after in ((10, rise + 0.01 * s), (100, 2 * rise + 0.01 * s))]
+    table = learnability(alone, ["x", "y"], [10, 100], level=5.0)
+    assert table["by_size"]["10"]["x"]["learnable"] and not table["by_size"]["10"]["y"]["learnable"]
+    assert table["by_size"]["10"]["x"]["accuracy_gain"]["mean"] == pytest.approx(31.0)
+    transfer = [_cell("y", "x", s, 10, 0.45 + 0.01 * s) for s in (0, 1, 2)] + [_cell("x", "y", s, 10, 0.5) for s in (0, 1, 2)]
+    stats = edt_stats(alone + transfer, ["x", "y"], 200, 10, "accuracy")
+    y_to_x = next(p for p in stats["pairs"] if p["a"] == "y")
+    assert y_to_x["mean"] == pytest.approx(math.sqrt(1000) - 10) and y_to_x["n"] == 3 and y_to_x["above"] == 0
+    x_to_y = next(p for p in stats["pairs"] if p["a"] == "x")
+    assert x_to_y["above"] == 3 and x_to_y["mean"] == 90.0  # y alone never learns: every seed is a lower bound
+
+
+def test_scaling_law_fit_recovers_known_exponents():
+    points = [{"pair": pair, "edt": k * n_b ** 0.5 * n ** 0.3, "n_b": n_b, "parameters": n}
+              for pair, k in (("a->b", 2.0), ("b->a", 0.5)) for n_b in (10, 30, 100) for n in (1e4, 4e4, 1.6e5)]
+    points.append({"pair": "a->b", "edt": -3.0, "n_b": 10, "parameters": 1e4})  # negative: left out of the log fit
+    fit = fit_transfer_law(points)
+    assert fit["fitted"] and fit["n"] == 18 and fit["pairs"] == 2 and fit["dof"] == 14
+    assert fit["alpha"]["value"] == pytest.approx(0.5) and fit["beta"]["value"] == pytest.approx(0.3)
+    assert fit["k"]["a->b"] == pytest.approx(2.0) and fit["r2"] == pytest.approx(1.0)
+    one_size = fit_transfer_law([p for p in points if p["parameters"] == 1e4])
+    assert "beta" not in one_size and one_size["alpha"]["value"] == pytest.approx(0.5)
+    assert not fit_transfer_law(points[:2])["fitted"]
+    lone = fit_transfer_law(points + [{"pair": "c->d", "edt": 5.0, "n_b": 10, "parameters": 1e4}])
+    assert lone["pairs"] == 2  # a pair with one point fits only its own intercept: left out

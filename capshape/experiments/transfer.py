@@ -24,20 +24,23 @@ whose cell.json exists is finished and never recomputed (`--resume`).
 """
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from pydantic import Field
+import torch
+from pydantic import Field, field_validator
 
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import Cell
 from capshape.experiments.kit import Protocol, Runtime, execute
 from capshape.experiments.transfer_proxy import AffinityProbe
-from capshape.experiments.transfer_stats import METRICS, from_json, metric_stats, rank_agreement, ranked_pairs
+from capshape.experiments.transfer_stats import (METRICS, edt_stats, fit_transfer_law, from_json, learnability, metric_stats,
+                                                 rank_agreement, ranked_pairs)
 from capshape.report.transfer import transfer_report
 from capshape.runstore import RunDir, read_json, write_json
 from capshape.models import build_model
@@ -50,10 +53,20 @@ BASELINE = "none"  # the source-task label of B-only cells in directory names
 class TransferSection(Section):
     tasks: list[str] = Field(["add", "sub", "mul", "div", "invented", "reverse", "sort", "copy"], min_length=2,
                              description="Tasks of the grid: every ordered pair (A, B) of them is measured.")
-    n_a: int = Field(200, gt=0, description="Fine-tuning examples of the first task A (its training pool size).")
-    n_b: int = Field(10, gt=0, description="Fine-tuning examples of the second task B, in A->B and B-only cells.")
+    n_a: list[int] = Field([200], min_length=1, description="Fine-tuning examples of the first task A (its training "
+                           "pool size); several: a sweep. The first is the matrix's.")
+    n_b: list[int] = Field([10], min_length=1, description="Fine-tuning examples of the second task B in A->B cells; "
+                           "several: a sweep. The first is the matrix's.")
+    baseline_n_b: list[int] = Field([30, 100, 300], description="Further sizes of B alone (besides n_b): its learning "
+                                    "curve, from which the effective data transferred is read.")
+    epochs_b: float = Field(4.0, gt=0, description="Stage B (and B alone) trains max(steps_b, epochs_b·n/batch_b) "
+                            "steps on n examples, so that larger pools are seen several times too.")
+    learnable_gain: float = Field(5.0, ge=0, description="B counts as learnable from n examples when B alone's "
+                                  "accuracy gain over the base reaches this many points with an interval above 0.")
+    widths: list[int] = Field([], description="Model sizes of a sweep: d_model of each (d_mlp = 4·d_model), one whole "
+                              "grid each in OUT/w<d_model>/; [] runs [model] as given.")
     steps_a: int = Field(150, gt=0, description="Optimizer steps of stage A.")
-    steps_b: int = Field(40, gt=0, description="Optimizer steps of stage B (and of the B-only baseline).")
+    steps_b: int = Field(40, gt=0, description="Least optimizer steps of stage B (and of B alone); see epochs_b.")
     batch_a: int = Field(32, gt=0, description="Batch size of stage A (drawn with replacement from the pool).")
     batch_b: int = Field(10, gt=0, description="Batch size of stage B.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of both fine-tuning stages.")
@@ -71,6 +84,19 @@ class TransferSection(Section):
     proxy_every: int = Field(5, gt=0, description="Measure the proxies every N steps of that run (step 0: the base).")
     proxy_lr: float = Field(1e-3, gt=0, description="Learning rate η of the SGD lookahead step of the TAG affinity "
                             "(TAG uses the training learning rate; much larger steps overshoot and every Z turns negative).")
+
+
+    @field_validator("n_a", "n_b", "baseline_n_b", "widths", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, int) else value
+
+    @field_validator("n_a", "n_b", "baseline_n_b", "widths")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v <= 0 for v in values):
+            raise ValueError(f"every value must be positive (got {values})")
+        return values
 
 
 class TransferConfig(RunConfig):
@@ -117,7 +143,9 @@ def check_transfer_config(config: TransferConfig) -> None:
     if t.base is None and shared:
         raise CapshapeError(f"transfer.pretrain_tasks and transfer.tasks share '{shared[0]}': the base would already "
                             f"be trained on it; pre-train on other tasks.")
-    check_config(finetune_config(config, t.tasks, t.n_a, t.steps_a, t.batch_a, None))
+    if t.widths and t.base is not None:
+        raise CapshapeError("transfer.widths trains a base per model size: remove transfer.base, or widths.")
+    check_config(finetune_config(config, t.tasks, t.n_a[0], t.steps_a, t.batch_a, None))
     if t.base is not None:
         check_base(config, Path(t.base))
     elif t.pretrain_tasks:
@@ -173,14 +201,25 @@ def finetune_config(config: TransferConfig, tasks: list[str], n_train: int, step
                         round(t.warmup_fraction * steps), init_from)
 
 
-# ---- paths -------------------------------------------------------------------------------------
+# ---- sizes, paths ----------------------------------------------------------------------------------
 
-def stage_a_dir(out: Path, task: str, seed: int) -> Path:
-    return Path(out) / "stage_a" / f"{task}__seed{seed}"
+def baseline_sizes(config: TransferConfig) -> list[int]:
+    """Every size B alone is trained at: n_b and baseline_n_b."""
+    return sorted(set(config.transfer.n_b) | set(config.transfer.baseline_n_b))
 
 
-def cell_dir(out: Path, a: Optional[str], b: str, seed: int) -> Path:
-    return Path(out) / "cells" / f"{a or BASELINE}__{b}__seed{seed}"
+def stage_b_steps(config: TransferConfig, n: int) -> int:
+    t = config.transfer
+    return max(t.steps_b, math.ceil(t.epochs_b * n / t.batch_b))
+
+
+def stage_a_dir(out: Path, task: str, n_a: int, seed: int) -> Path:
+    return Path(out) / "stage_a" / f"{task}__na{n_a}__seed{seed}"
+
+
+def cell_dir(out: Path, a: Optional[str], b: str, n_a: int, n_b: int, seed: int) -> Path:
+    name = f"{BASELINE}__{b}__nb{n_b}__seed{seed}" if a is None else f"{a}__{b}__na{n_a}__nb{n_b}__seed{seed}"
+    return Path(out) / "cells" / name
 
 
 def base_path(config: TransferConfig, out: Path) -> Optional[Path]:
@@ -200,6 +239,23 @@ def loop_seconds(run: Path) -> float:
     return float(rows[-1]["seconds"]) if rows else 0.0
 
 
+def width_config(config: TransferConfig, width: int) -> TransferConfig:
+    """The config of one model size of a sweep: d_model = width, d_mlp = 4·width."""
+    return config.model_copy(update={"model": config.model.model_copy(update={"d_model": width, "d_mlp": 4 * width})})
+
+
+def grids(config: TransferConfig, out: Path) -> list[tuple[Optional[int], TransferConfig, Path]]:
+    """(width, config, directory) of every grid: one per width of a sweep, else [model] in OUT itself."""
+    if not config.transfer.widths:
+        return [(None, config, Path(out))]
+    return [(w, width_config(config, w), Path(out) / f"w{w}") for w in config.transfer.widths]
+
+
+def parameter_count(config: TransferConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(config.model, TOKEN_INPUTS).parameters())
+
+
 # ---- cells: module-level functions run in worker processes --------------------------------------
 
 def pretrain_cell(config: TransferConfig, out: Path, device: str = "cpu", on_progress=None) -> None:
@@ -207,31 +263,32 @@ def pretrain_cell(config: TransferConfig, out: Path, device: str = "cpu", on_pro
               TrainRuntime(device=device, resume=True, on_progress=on_progress))
 
 
-def stage_a_cell(config: TransferConfig, task: str, seed: int, out: Path, device: str = "cpu", on_progress=None) -> None:
+def stage_a_cell(config: TransferConfig, task: str, n_a: int, seed: int, out: Path, device: str = "cpu",
+                 on_progress=None) -> None:
     t = config.transfer
     others = [b for b in t.tasks if b != task]
-    train_run(RunSpec.of(finetune_config(config, [task], t.n_a, t.steps_a, t.batch_a, base_path(config, out), others), "mean", seed),
-              stage_a_dir(out, task, seed),
+    run_config = finetune_config(config, [task], n_a, t.steps_a, t.batch_a, base_path(config, out), others)
+    train_run(RunSpec.of(run_config, "mean", seed), stage_a_dir(out, task, n_a, seed),
               TrainRuntime(device=device, resume=True, on_progress=on_progress))
 
 
-def transfer_cell(config: TransferConfig, a: Optional[str], b: str, seed: int, out: Path, device: str = "cpu",
-                  on_progress=None) -> dict:
-    """Stage B of A->B (from stage A's model) or of the B-only baseline (from the base); writes cell.json."""
+def transfer_cell(config: TransferConfig, a: Optional[str], b: str, n_a: int, n_b: int, seed: int, out: Path,
+                  device: str = "cpu", on_progress=None) -> dict:
+    """Stage B of A->B (from stage A's model) or of B alone (from the base); writes cell.json."""
     t, out = config.transfer, Path(out)
     start = base_path(config, out)
     if a is not None:
-        stage_a = stage_a_dir(out, a, seed)
+        stage_a = stage_a_dir(out, a, n_a, seed)
         if not finished(stage_a):
-            raise CapshapeError(f"stage A of '{a}' (seed {seed}) did not finish: see {stage_a / 'status.json'}.")
+            raise CapshapeError(f"stage A of '{a}' (n_a {n_a}, seed {seed}) did not finish: see {stage_a / 'status.json'}.")
         start = stage_a / "model.safetensors"
-    directory = cell_dir(out, a, b, seed)
-    train_run(RunSpec.of(finetune_config(config, [b], t.n_b, t.steps_b, t.batch_b, start), "mean", seed),
-              directory / "stage_b",
+    directory = cell_dir(out, a, b, n_a, n_b, seed)
+    run_config = finetune_config(config, [b], n_b, stage_b_steps(config, n_b), t.batch_b, start)
+    train_run(RunSpec.of(run_config, "mean", seed), directory / "stage_b",
               TrainRuntime(device=device, resume=True, on_progress=on_progress))
     rows = RunDir(directory / "stage_b").read_metrics()
-    result = {"a": a, "b": b, "seed": seed, "n_a": t.n_a if a else 0, "n_b": t.n_b,
-              "stage_a": None if a is None else str(stage_a_dir(out, a, seed).relative_to(out)),
+    result = {"a": a, "b": b, "seed": seed, "n_a": n_a if a else 0, "n_b": n_b,
+              "stage_a": None if a is None else str(stage_a_dir(out, a, n_a, seed).relative_to(out)),
               "stage_b": str((directory / "stage_b").relative_to(out)),
               "before": rows[0]["eval"][b], "after": rows[-1]["eval"][b],
               "seconds": loop_seconds(directory / "stage_b")}
@@ -242,7 +299,7 @@ def transfer_cell(config: TransferConfig, a: Optional[str], b: str, seed: int, o
 def proxy_cell(config: TransferConfig, out: Path, device: str = "cpu", on_progress=None) -> None:
     """One multi-task run on the grid's tasks from the base, with the affinity probe; writes proxy.json."""
     t, directory = config.transfer, Path(out) / "proxy"
-    run_config = finetune_config(config, t.tasks, t.n_a, t.proxy_steps, t.batch_a * len(t.tasks),
+    run_config = finetune_config(config, t.tasks, t.n_a[0], t.proxy_steps, t.batch_a * len(t.tasks),
                                  base_path(config, out))
     probe = AffinityProbe(len(t.tasks), t.proxy_every, t.proxy_lr)
     if directory.exists():  # an interrupted probe's sums are lost with its process: measure again
@@ -254,87 +311,181 @@ def proxy_cell(config: TransferConfig, out: Path, device: str = "cpu", on_progre
 
 # ---- the protocol ---------------------------------------------------------------------------------
 
-def cell_specs(config: TransferConfig) -> list[tuple[Optional[str], str, int]]:
-    """(A, B, seed) for every ordered pair, then (None, B, seed) baselines."""
+Spec = tuple[Optional[str], str, int, int, int]  # (A or None, B, n_a, n_b, seed)
+
+
+def cell_specs(config: TransferConfig) -> list[Spec]:
+    """(A, B, n_a, n_b, seed) for every ordered pair and (n_a, n_b) of the sweep, then B alone at every size."""
     t = config.transfer
-    pairs = [(a, b) for a in t.tasks for b in t.tasks if a != b] + [(None, b) for b in t.tasks]
-    return [(a, b, seed) for a, b in pairs for seed in t.seeds]
+    pairs = [(a, b, n_a, n_b) for n_a in t.n_a for n_b in t.n_b for a in t.tasks for b in t.tasks if a != b]
+    alone = [(None, b, 0, n) for n in baseline_sizes(config) for b in t.tasks]
+    return [(*pair, seed) for pair in pairs + alone for seed in t.seeds]
 
 
 def run(config: TransferConfig, out: Path, runtime: Runtime) -> dict:
-    """Waves of cells on the kit's executor: the base; every stage A, baseline and the proxy; every A->B."""
-    t = config.transfer
+    """Per model size: waves of cells on the kit's executor (the base; every stage A, B alone and the
+    proxy; every A->B); then the summary of the first size, with every size's effective data transferred
+    and the fitted scaling law."""
     failures: dict[str, str] = {}
     wall: dict[str, float] = {}
+    summaries = {}
+    for index, (width, grid_config, directory) in enumerate(grids(config, out)):
+        label = "" if width is None else f"w{width} "
+        grid_failures = run_grid(grid_config, directory, runtime, label, wall, proxy=index == 0)  # proxies: first size
+        failures.update(grid_failures)
+        summaries[width] = summarize(grid_config, directory, grid_failures, wall)
+    first = summaries[next(iter(summaries))]
+    summary = {**first, "failed": failures}
+    if config.transfer.widths:
+        summary["widths"] = {str(w): {"parameters": s["parameters"], "edt": s["edt"], "learnability": s["learnability"]}
+                             for w, s in summaries.items()}
+        summary["fit"] = {metric: fit_transfer_law([row for s in summaries.values() for row in law_points(s, metric)])
+                          for metric in METRICS}
+    return summary
+
+
+def run_grid(config: TransferConfig, out: Path, runtime: Runtime, label: str, wall: dict, proxy: bool) -> dict[str, str]:
+    t = config.transfer
+    failures: dict[str, str] = {}
 
     def wave(name: str, cells: list[Cell]) -> None:
         if cells:
             started = time.perf_counter()
             failures.update(execute(cells, config, runtime))
-            wall[name] = time.perf_counter() - started
+            wall[label + name] = time.perf_counter() - started
 
     shared = dict(config=config, out=out, device=runtime.device)
     if t.base is None and t.pretrain_tasks and not finished(out / "base"):
-        wave("base", [Cell("base", pretrain_cell, t.pretrain_steps, shared)])
-        if "base" in failures:
-            raise CapshapeError(f"pre-training the base failed: {failures['base']} (see {out / 'base'}).")
+        wave("base", [Cell(f"{label}base", pretrain_cell, t.pretrain_steps, shared)])
+        if f"{label}base" in failures:
+            raise CapshapeError(f"pre-training the base failed: {failures[f'{label}base']} (see {out / 'base'}).")
     todo = [spec for spec in cell_specs(config) if not (cell_dir(out, *spec) / "cell.json").exists()]
-    first = [Cell(f"A {a} seed{seed}", stage_a_cell, t.steps_a, dict(shared, task=a, seed=seed))
-             for a in t.tasks for seed in t.seeds
-             if any(spec[0] == a and spec[2] == seed for spec in todo) and not finished(stage_a_dir(out, a, seed))]
-    if t.proxy_steps and not (out / "proxy" / "proxy.json").exists():
-        first.append(Cell("proxy", proxy_cell, t.proxy_steps, shared))
-    cells = {spec: Cell(f"{spec[0] or BASELINE}->{spec[1]} seed{spec[2]}", transfer_cell, t.steps_b,
-                        dict(shared, a=spec[0], b=spec[1], seed=spec[2])) for spec in todo}
+    first = [Cell(f"{label}A {a} n{n_a} seed{seed}", stage_a_cell, t.steps_a, dict(shared, task=a, n_a=n_a, seed=seed))
+             for a in t.tasks for n_a in t.n_a for seed in t.seeds
+             if any(spec[0] == a and spec[2] == n_a and spec[4] == seed for spec in todo)
+             and not finished(stage_a_dir(out, a, n_a, seed))]
+    if proxy and t.proxy_steps and not (out / "proxy" / "proxy.json").exists():
+        first.append(Cell(f"{label}proxy", proxy_cell, t.proxy_steps, shared))
+    cells = {spec: Cell(f"{label}{spec[0] or BASELINE}->{spec[1]} n{spec[2]}/{spec[3]} seed{spec[4]}", transfer_cell,
+                        stage_b_steps(config, spec[3]),
+                        dict(shared, a=spec[0], b=spec[1], n_a=spec[2], n_b=spec[3], seed=spec[4])) for spec in todo}
     wave("stage_a_baselines_proxy", first + [cell for spec, cell in cells.items() if spec[0] is None])
     wave("a_then_b", [cell for spec, cell in cells.items() if spec[0] is not None])
-    return summarize(config, out, failures, wall)
+    return failures
 
 
-def headline(summary: dict) -> list:
-    lines = []
-    for metric, stats in summary["metrics"].items():
-        ranked = stats["ranked"]
-        if ranked:
-            best, worst = ranked[0], ranked[-1]
-            lines.append(f"{metric:>9} transfer ({stats['unit']}): most {best['a']}→{best['b']} {best['mean']:+.3g}, "
-                         f"least {worst['a']}→{worst['b']} {worst['mean']:+.3g}")
-    return lines
+def point_name(n_a: int, n_b: int) -> str:
+    return f"na{n_a}_nb{n_b}"
+
+
+def law_points(summary: dict, metric: str) -> list[dict]:
+    """Every pair's mean effective data transferred at every (n_a, n_b), with no censored seed, as
+    points of the scaling-law fit."""
+    return [{"pair": f"{p['a']}->{p['b']} n_a={point['n_a']}", "edt": p["mean"], "n_b": point["n_b"],
+             "parameters": summary["parameters"]}
+            for point in summary["points"].values() for p in point["edt"][metric]["pairs"]
+            if not p["above"] and not p["below"]]
 
 
 def summarize(config: TransferConfig, out: Path, failures: dict[str, str], wall: dict[str, float]) -> dict:
-    """The grid's statistics from every cell.json (and proxy.json) found under `out`."""
+    """The grid's statistics from every cell.json (and proxy.json) found under `out`: learnability of each B,
+    then per (n_a, n_b) the transfer matrices and effective data transferred; the first point's are the
+    headline (`metrics`, `edt`)."""
     t, out = config.transfer, Path(out)
     cells = [read_json(cell_dir(out, *spec) / "cell.json") for spec in cell_specs(config)
              if (cell_dir(out, *spec) / "cell.json").exists()]
-    metrics = {metric: metric_stats(cells, t.tasks, metric) for metric in METRICS}
-    for metric, stats in metrics.items():
-        stats["ranked"] = ranked_pairs(t.tasks, stats["transfer"])
-    base_eval = {b: {metric: float(np.mean([c["before"][metric] for c in cells if c["a"] is None and c["b"] == b]))
-                     for metric in METRICS}
-                 for b in t.tasks if any(c["a"] is None and c["b"] == b for c in cells)}
-    stage_a = [stage_a_dir(out, a, s) for a in t.tasks for s in t.seeds]
+    alone = [c for c in cells if c["a"] is None]
+    points = {}
+    for n_a in t.n_a:
+        for n_b in t.n_b:
+            here = [c for c in cells if (c["a"] is None and c["n_b"] == n_b)
+                    or (c["a"] is not None and c["n_a"] == n_a and c["n_b"] == n_b)]
+            metrics = {metric: metric_stats(here, t.tasks, metric) for metric in METRICS}
+            for stats in metrics.values():
+                stats["ranked"] = ranked_pairs(t.tasks, stats["transfer"])
+            points[point_name(n_a, n_b)] = {"n_a": n_a, "n_b": n_b, "metrics": metrics,
+                                            "edt": {metric: edt_stats(alone + [c for c in here if c["a"] is not None],
+                                                                      t.tasks, n_a, n_b, metric) for metric in METRICS}}
+    headline = points[point_name(t.n_a[0], t.n_b[0])]
+    base_eval = {b: {metric: float(np.mean([c["before"][metric] for c in alone if c["b"] == b])) for metric in METRICS}
+                 for b in t.tasks if any(c["b"] == b for c in alone)}
+    stage_a = [stage_a_dir(out, a, n_a, s) for a in t.tasks for n_a in t.n_a for s in t.seeds]
     compute = {"base": loop_seconds(out / "base") if (out / "base").exists() else 0.0,
                "stage_a": sum(loop_seconds(run) for run in stage_a if run.exists()),
                "stage_b": sum(c["seconds"] for c in cells)}
     summary = {
         "name": config.name, "tasks": t.tasks, "seeds": t.seeds, "n_a": t.n_a, "n_b": t.n_b,
+        "baseline_sizes": baseline_sizes(config), "parameters": parameter_count(config),
         "cells": len(cells), "expected_cells": len(cell_specs(config)), "failed": failures,
         "base": str(base_path(config, out)) if base_path(config, out) else None,
-        "base_eval": base_eval, "metrics": metrics,
+        "base_eval": base_eval, "learnability": learnability(alone, t.tasks, baseline_sizes(config), t.learnable_gain),
+        "metrics": headline["metrics"], "edt": headline["edt"], "points": points,
+        "fit": {metric: fit_transfer_law(law_points({"points": points, "parameters": parameter_count(config)}, metric))
+                for metric in METRICS},
         "seconds": {"wall_this_invocation": wall, "compute": compute},
     }
-    summary["proxy"] = summarize_proxy(out, metrics, compute["stage_a"] + compute["stage_b"])
+    summary["proxy"] = summarize_proxy(out, headline, compute["stage_a"] + compute["stage_b"])
     return summary
 
 
-def summarize_proxy(out: Path, metrics: dict, grid_seconds: float) -> Optional[dict]:
+def headline(summary: dict) -> list:
+    """Learnability first (can the base learn each B from n_b examples at all?), then the matrix's most and
+    least helpful pairs with their intervals, the effective data transferred and the fitted exponents."""
+    lines = []
+    n_b = str(summary["n_b"][0])
+    rows = summary["learnability"]["by_size"].get(n_b, {})
+    level = summary["learnability"]["level_pp"]
+    for b, row in rows.items():
+        gain = row["accuracy_gain"]
+        lines.append(f"learnability of {b:>8} from {n_b} examples alone: base {row['base_accuracy']['mean']:.1f}% → "
+                     f"{row['accuracy']['mean']:.1f}%, gain {interval_text(gain, '+.1f')} pp"
+                     + ("" if row["learnable"] else f"  NOT learnable (needs ≥ {level:g} pp, interval above 0)"))
+    unlearnable = [b for b, row in rows.items() if not row["learnable"]]
+    if unlearnable:
+        lines.append(f"the base cannot learn {', '.join(unlearnable)} from {n_b} examples: their columns of the "
+                     f"accuracy matrix measure noise unless an interval excludes 0; read the loss matrix and the "
+                     f"effective data transferred instead.")
+    for metric, stats in summary["metrics"].items():
+        ranked = stats["ranked"]
+        if ranked:
+            best, worst = ranked[0], ranked[-1]
+            sure = sum(p["low"] is not None and (p["low"] > 0 or p["high"] < 0) for p in ranked)
+            lines.append(f"{metric:>9} transfer ({stats['unit']}): most {best['a']}→{best['b']} {interval_text(best, '+.3g')}, "
+                         f"least {worst['a']}→{worst['b']} {interval_text(worst, '+.3g')}; "
+                         f"{sure} of {len(ranked)} intervals exclude 0")
+    for metric, stats in summary["edt"].items():
+        if stats["pairs"]:
+            best = stats["pairs"][0]
+            lines.append(f"effective data transferred ({metric}), most: {best['a']}→{best['b']} "
+                         f"{interval_text(best, '+.0f')} examples of B at n_b={stats['n_b']}"
+                         + (f" ({best['above']} seed(s) beyond the measured curve: a lower bound)" if best["above"] else ""))
+    for metric, fit in (summary.get("fit") or {}).items():
+        if fit.get("fitted"):
+            terms = ", ".join(f"{t} = {fit[t]['value']:.2f} [{fit[t]['low']:.2f}, {fit[t]['high']:.2f}]"
+                              for t in ("alpha", "beta") if t in fit)
+            lines.append(f"D_T ≈ k·n_b^α·N^β fit ({metric}, {fit['n']} points, {fit['dof']} dof): {terms}")
+    return lines
+
+
+def interval_text(stat: dict, fmt: str) -> str:
+    if stat.get("mean") is None:
+        return "—"
+    if stat.get("low") is None:
+        return format(stat["mean"], fmt)
+    return f"{format(stat['mean'], fmt)} [{format(stat['low'], fmt)}, {format(stat['high'], fmt)}]"
+
+
+def summarize_proxy(out: Path, headline: dict, grid_seconds: float) -> Optional[dict]:
+    """Each proxy's rank agreement with the measured transfer T and with the effective data transferred
+    (both at the headline point), and its cost as a fraction of the grid's."""
     path = Path(out) / "proxy" / "proxy.json"
     if not path.exists():
         return None
     proxy = read_json(path)
-    correlations = {name: {metric: rank_agreement(np.array(proxy[name]), from_json(stats["transfer"]["mean"]))
-                           for metric, stats in metrics.items()}
+    correlations = {name: {**{metric: rank_agreement(np.array(proxy[name]), from_json(stats["transfer"]["mean"]))
+                              for metric, stats in headline["metrics"].items()},
+                           **{f"edt_{metric}": rank_agreement(np.array(proxy[name]), from_json(stats["mean"]))
+                              for metric, stats in headline["edt"].items()}}
                     for name in ("lookahead", "cosine")}
     return {**proxy, "spearman": correlations, "grid_seconds": grid_seconds,
             "relative_cost": proxy["seconds"] / grid_seconds if grid_seconds else None}

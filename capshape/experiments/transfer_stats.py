@@ -131,3 +131,118 @@ def rank_agreement(proxy: np.ndarray, measured: np.ndarray) -> dict:
     columns = [rho for rho in columns if rho is not None]
     return {"rho": _spearman(proxy[mask], measured[mask]), "n": int(mask.sum()),
             "per_target": float(np.mean(columns)) if columns else None, "targets": len(columns)}
+
+
+# ---- learnability and effective data transferred -------------------------------------------------------
+
+def learnability(cells: list[dict], tasks: list[str], sizes: list[int], level: float) -> dict:
+    """Can the base learn B from n examples? Per B-only size n and task: the gain over the base, paired by
+    seed (accuracy in percentage points, loss as base − after in nats), each with its 95 % t-interval, and
+    `learnable`: the accuracy gain's interval lies above 0 and its mean reaches `level` pp.
+
+    `cells`: B-only cells {"a": None, "b", "n_b", "seed", "before": {metric}, "after": {metric}}."""
+    table = {}
+    for n in sizes:
+        rows = {}
+        for b in tasks:
+            found = [c for c in cells if c["a"] is None and c["b"] == b and c["n_b"] == n]
+            if not found:
+                continue
+            accuracy = t_interval([100.0 * (c["after"]["accuracy"] - c["before"]["accuracy"]) for c in found])
+            loss = t_interval([c["before"]["loss"] - c["after"]["loss"] for c in found])
+            base = t_interval([100.0 * c["before"]["accuracy"] for c in found])
+            after = t_interval([100.0 * c["after"]["accuracy"] for c in found])
+            learnable = (accuracy["mean"] is not None and accuracy["mean"] >= level
+                         and accuracy["low"] is not None and accuracy["low"] > 0)
+            rows[b] = {"base_accuracy": base, "accuracy": after, "accuracy_gain": accuracy, "loss_gain": loss,
+                       "learnable": bool(learnable)}
+        table[str(n)] = rows
+    return {"level_pp": level, "by_size": table}
+
+
+def effective_data(curve: dict[int, float], value: float, n_b: int, metric: str) -> dict:
+    """Effective data transferred (Hernandez et al. 2021, "Scaling Laws for Transfer"): how many more B
+    examples than n_b the model fine-tuned on B alone would need to reach `value` (the A->B result at
+    n_b), from B alone's results at the sizes of `curve` ({n: value}, same seed), interpolated linearly
+    in log n. Returns {"edt": n_eff − n_b or None, "censored": None | "above" | "below"}: "above" when
+    A->B beats B alone at every measured size (edt ≥ max n − n_b, returned as that bound), "below" when
+    it is worse than B alone at the smallest size (edt ≤ min n − n_b, returned as that bound)."""
+    better = METRICS[metric][1]  # +1: higher is better (accuracy), -1: lower is better (loss)
+    sizes = np.array(sorted(curve), dtype=float)
+    # the running best along n, so that B alone's curve can be inverted: more data never looks worse than less
+    oriented = np.maximum.accumulate(better * np.array([curve[int(n)] for n in sizes]))
+    target = better * value
+    if target > oriented[-1]:
+        return {"edt": float(sizes[-1] - n_b), "censored": "above"}
+    if target < oriented[0]:
+        return {"edt": float(sizes[0] - n_b), "censored": "below"}
+    k = int(np.searchsorted(oriented, target, side="left"))
+    if k == 0 or oriented[k] == oriented[k - 1]:
+        return {"edt": float(sizes[k] - n_b), "censored": None}
+    share = (target - oriented[k - 1]) / (oriented[k] - oriented[k - 1])
+    log_n = np.log(sizes[k - 1]) + share * (np.log(sizes[k]) - np.log(sizes[k - 1]))
+    return {"edt": float(np.exp(log_n) - n_b), "censored": None}
+
+
+def edt_stats(cells: list[dict], tasks: list[str], n_a: int, n_b: int, metric: str) -> dict:
+    """Effective data transferred for every ordered pair at (n_a, n_b): per seed (against B alone's curve of
+    the same seed), then mean and 95 % t-interval over seeds (censored values enter at their bound, so an
+    "above" makes the mean a lower bound; the counts say how many), the matrix of means, the geometric-mean
+    symmetrisation S (as for T) and its clustering."""
+    curves: dict[tuple, dict[int, float]] = {}
+    for c in cells:
+        if c["a"] is None:
+            curves.setdefault((c["b"], c["seed"]), {})[c["n_b"]] = c["after"][metric]
+    k = len(tasks)
+    mean, low, high = (np.full((k, k), math.nan) for _ in range(3))
+    pairs = []
+    for i, a in enumerate(tasks):
+        for j, b in enumerate(tasks):
+            found = [c for c in cells if c["a"] == a and c["b"] == b and c["n_a"] == n_a and c["n_b"] == n_b
+                     and len(curves.get((b, c["seed"]), {})) >= 2]
+            if a == b or not found:
+                continue
+            per_seed = [{"seed": c["seed"], **effective_data(curves[(b, c["seed"])], c["after"][metric], n_b, metric)}
+                        for c in found]
+            interval = t_interval([s["edt"] for s in per_seed])
+            mean[i, j], low[i, j], high[i, j] = (math.nan if interval[key] is None else interval[key]
+                                                 for key in ("mean", "low", "high"))
+            pairs.append({"a": a, "b": b, **interval, "above": sum(s["censored"] == "above" for s in per_seed),
+                          "below": sum(s["censored"] == "below" for s in per_seed), "per_seed": per_seed})
+    sim = similarity(mean)
+    return {"n_a": n_a, "n_b": n_b, "unit": "examples of B", "mean": to_json(mean), "low": to_json(low),
+            "high": to_json(high), "pairs": sorted(pairs, key=lambda p: -p["mean"]), "similarity": to_json(sim),
+            "clustering": cluster(sim, tasks)}
+
+
+def fit_transfer_law(points: list[dict]) -> dict:
+    """Least-squares fit of log D_T = log k_pair + α·log D_F + β·log N (Hernandez et al. 2021, with one
+    intercept per ordered pair) over `points` ({"pair", "edt", "n_b", "parameters"}) with D_T = edt > 0
+    (uncensored means), D_F = n_b and N the model's parameter count. Only pairs with two or more such
+    points inform the exponents, so the others are left out; β is fitted when two or more sizes are
+    present, α when two or more n_b. Intervals: 95 % Student-t with the residual degrees of freedom."""
+    points = [p for p in points if p["edt"] is not None and p["edt"] > 0]
+    counts = {pair: sum(p["pair"] == pair for p in points) for pair in {p["pair"] for p in points}}
+    points = [p for p in points if counts[p["pair"]] >= 2]
+    pairs = sorted({p["pair"] for p in points})
+    terms = [name for name, key in (("alpha", "n_b"), ("beta", "parameters")) if len({p[key] for p in points}) >= 2]
+    dof = len(points) - len(pairs) - len(terms)
+    if not terms or dof < 1:
+        return {"n": len(points), "pairs": len(pairs), "fitted": False,
+                "reason": "too few pairs with two or more positive, uncensored points"}
+    design = np.array([[float(p["pair"] == pair) for pair in pairs]
+                       + [math.log(p["n_b" if t == "alpha" else "parameters"]) for t in terms] for p in points])
+    target = np.log([p["edt"] for p in points])
+    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+    residual = target - design @ coef
+    variance = float(residual @ residual) / dof
+    errors = np.sqrt(np.diag(variance * np.linalg.pinv(design.T @ design)))
+    total = float(((target - target.mean()) ** 2).sum())
+    quantile = float(stats.t.ppf(0.975, dof))
+    result = {"n": len(points), "pairs": len(pairs), "dof": dof, "fitted": True,
+              "r2": 1 - float(residual @ residual) / total if total else None,
+              "k": {pair: float(math.exp(c)) for pair, c in zip(pairs, coef)}}
+    for index, term in enumerate(terms):
+        value, error = float(coef[len(pairs) + index]), float(errors[len(pairs) + index])
+        result[term] = {"value": value, "stderr": error, "low": value - quantile * error, "high": value + quantile * error}
+    return result

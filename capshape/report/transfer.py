@@ -162,6 +162,78 @@ def base_table(summary: dict) -> str:
             f"<th>B-only loss</th></tr>{rows}</table>")
 
 
+def learnability_section(summary: dict) -> str:
+    """Can the base learn each B from n examples alone? First on the page: a matrix is only as good as this."""
+    learn = summary["learnability"]
+    sizes = list(learn["by_size"])
+    heads = "".join(f"<th>n = {n}</th>" for n in sizes)
+    rows = ""
+    for task in summary["tasks"]:
+        cells = []
+        for n in sizes:
+            row = learn["by_size"][n].get(task)
+            if row is None:
+                cells.append("<td>—</td>")
+                continue
+            text = f"{number(row['accuracy']['mean'])}% ({interval(row['accuracy_gain'])} pp)"
+            cells.append(f"<td>{text}</td>" if row["learnable"] else f"<td class=\"no\">{text} ✗</td>")
+        base = learn["by_size"][sizes[0]].get(task, {}).get("base_accuracy", {}).get("mean") if sizes else None
+        rows += f"<tr><td>{escape(task)}</td><td>{number(base)}%</td>{''.join(cells)}</tr>"
+    n_b = str(summary["n_b"][0])
+    failing = [t for t, row in learn["by_size"].get(n_b, {}).items() if not row["learnable"]]
+    verdict = (f"<p class=\"warning\">The base cannot learn {escape(', '.join(failing))} from n_B = {n_b} examples "
+               f"alone (gain below {learn['level_pp']:g} pp or an interval that reaches 0): those columns of the accuracy "
+               f"matrix are noise unless an interval excludes 0. The loss matrix and the effective data transferred "
+               f"below still measure transfer there.</p>" if failing else
+               f"<p>Every task is learnable from n_B = {n_b} examples alone.</p>")
+    return section("Can the base learn B from n examples?",
+                   "<p>Held-out accuracy of B after fine-tuning the base on n examples of B alone, with the gain over "
+                   "the base in percentage points (95% t-interval over seeds); ✗: not learnable at that size.</p>",
+                   f"<table><tr><th>task B</th><th>base</th>{heads}</tr>{rows}</table>", verdict)
+
+
+def edt_section(summary: dict) -> str:
+    """Effective data transferred at the headline point, and the fitted scaling law."""
+    parts = []
+    for metric, stats in summary["edt"].items():
+        rows = "".join(f"<tr><td>{escape(p['a'])} → {escape(p['b'])}</td><td>{interval(p)}</td>"
+                       f"<td>{p['above']}</td><td>{p['below']}</td></tr>" for p in stats["pairs"])
+        parts.append(f"<h3>{escape(METRIC_TITLES[metric])}</h3><table><tr><th>A → B</th><th>D_T (examples of B), 95% CI</th>"
+                     f"<th>seeds beyond the largest size</th><th>seeds below the smallest</th></tr>{rows}</table>")
+    fits = []
+    for metric, fit in (summary.get("fit") or {}).items():
+        if not fit.get("fitted"):
+            fits.append(f"<li>{escape(metric)}: not fitted ({escape(fit.get('reason', ''))}; {fit['n']} points)</li>")
+            continue
+        terms = ", ".join(f"{t} = {fit[t]['value']:.2f} [{fit[t]['low']:.2f}, {fit[t]['high']:.2f}]"
+                          for t in ("alpha", "beta") if t in fit)
+        fits.append(f"<li>{escape(metric)}: {terms}; R² = {number(fit['r2'])}, {fit['n']} points, {fit['pairs']} pairs, "
+                    f"{fit['dof']} residual degrees of freedom</li>")
+    return section("Effective data transferred",
+                   f"<p>D_T (Hernandez et al. 2021): how many more examples of B than n_B = {summary['n_b'][0]} the base "
+                   f"fine-tuned on B alone would need to match A → B, read from B alone's curve at n = "
+                   f"{', '.join(map(str, summary['baseline_sizes']))} (same seed, interpolated in log n, the curve made "
+                   f"monotone). A seed whose A → B beats B alone at the largest size enters at that bound (a lower "
+                   f"bound); one below B alone at the smallest size at that bound. n_A = {summary['n_a'][0]}.</p>",
+                   *parts, "<p>Fit of log D_T = log k_pair + α·log n_B + β·log N over the sweep's uncensored points "
+                   "(95% Student-t intervals from the regression's standard errors; pairs with a single point are left out, "
+                   "they inform only their own intercept):</p>", f"<ul>{''.join(fits)}</ul>")
+
+
+def widths_section(summary: dict) -> str:
+    if not summary.get("widths"):
+        return ""
+    rows = ""
+    for width, stats in summary["widths"].items():
+        for metric, edt in stats["edt"].items():
+            best = edt["pairs"][0] if edt["pairs"] else None
+            rows += (f"<tr><td>{width}</td><td>{stats['parameters']:,}</td><td>{escape(metric)}</td>"
+                     f"<td>{'—' if best is None else escape(best['a'] + ' → ' + best['b']) + ' ' + interval(best)}</td></tr>")
+    return section("Model sizes", "<p>The grid repeated per model width (d_mlp = 4·d_model), each with its own base; "
+                   "the page above shows the first. Largest effective data transferred per size:</p>",
+                   f"<table><tr><th>d_model</th><th>parameters</th><th>metric</th><th>most D_T, 95% CI</th></tr>{rows}</table>")
+
+
 def proxy_section(summary: dict, images: dict[str, bytes]) -> str:
     proxy = summary.get("proxy")
     if not proxy:
@@ -172,6 +244,9 @@ def proxy_section(summary: dict, images: dict[str, bytes]) -> str:
                   for m in METRIC_TITLES) + "</tr>"
         for name in PROXY_TITLES)
     heads = "".join(f"<th>ρ ({m}, all pairs)</th><th>mean ρ per target B ({m})</th>" for m in METRIC_TITLES)
+    edt_rows = "".join(f"<tr><td>{escape(PROXY_TITLES[name])}</td>"
+                       + "".join(f"<td>{number(proxy['spearman'][name].get(f'edt_{m}', {}).get('rho'))}</td>" for m in METRIC_TITLES)
+                       + "</tr>" for name in PROXY_TITLES)
     cost = (f"<p>Cost: the proxy's run took {number(proxy['seconds'])} s of training loop ({number(proxy['probe_seconds'])} s "
             f"of it in the probe, {proxy['measured_steps']} measured steps); the grid's stages took "
             f"{number(proxy['grid_seconds'])} s, so the proxy costs {number(proxy['relative_cost'])} of the grid "
@@ -180,33 +255,37 @@ def proxy_section(summary: dict, images: dict[str, bytes]) -> str:
                    "<p>Lookahead affinity Z_A→B = 1 − ℓ_B(θ − η∇ℓ_A)/ℓ_B(θ) (TAG, Fifty et al. 2021) and the cosine of "
                    "the tasks' batch-mean gradients, averaged over steps of one multi-task run from the base. "
                    "Spearman rank correlation with the measured T_AB over off-diagonal pairs:</p>",
-                   f"<table><tr><th>proxy</th>{heads}</tr>{rows}</table>", cost, image(images, "proxy", "proxies"))
+                   f"<table><tr><th>proxy</th>{heads}</tr>{rows}</table>",
+                   "<p>Spearman ρ with the effective data transferred (all pairs):</p>",
+                   "<table><tr><th>proxy</th>" + "".join(f"<th>ρ with D_T ({m})</th>" for m in METRIC_TITLES)
+                   + f"</tr>{edt_rows}</table>", cost, image(images, "proxy", "proxies"))
 
 
 def render_transfer_page(summary: dict, images: dict[str, bytes], path: Path, config: dict) -> str:
     facts = {"directory": str(path), "tasks": ", ".join(summary["tasks"]), "seeds": ", ".join(map(str, summary["seeds"])),
-             "examples": f"n_A = {summary['n_a']}, n_B = {summary['n_b']}",
+             "examples": f"n_A = {summary['n_a'][0]}, n_B = {summary['n_b'][0]} (the matrices); sweep n_A ∈ "
+                         f"{summary['n_a']}, n_B ∈ {summary['n_b']}; B alone at {summary['baseline_sizes']}",
              "cells": f"{summary['cells']} of {summary['expected_cells']} finished", "base": str(summary["base"])}
     header = (f"<h1>{escape(summary['name'])}: transfer matrix</h1><dl>"
               + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts.items()) + "</dl>"
               + f"<details><summary>config</summary><pre>{escape(json.dumps(config, indent=2))}</pre></details>")
     failed = "".join(f"<li><b>{escape(name)}</b>: {escape(str(error))}</li>" for name, error in summary["failed"].items())
     parts = [header, f'<div class="warning"><b>{len(summary["failed"])} cell(s) failed</b> and are left out:'
-                     f"<ul>{failed}</ul></div>" if failed else "",
+                     f"<ul>{failed}</ul></div>" if failed else "", learnability_section(summary),
              section("Protocol",
                      "<p>For every ordered pair (A, B): the base fine-tuned on n_A examples of A, then on n_B examples "
                      "of B, against the base fine-tuned on the same n_B examples of B alone (same seed: same B data, "
                      "same held-out set). T_AB &gt; 0: A first helped B. Accuracy T in percentage points, loss T as "
                      "the loss reduction in nats. Intervals are 95% t-intervals over seeds (wide with few seeds: "
-                     "±4.30 standard errors with 3). With n_B this small most accuracies stay near zero, so accuracy T is mostly "
-                     "noise around 0; the loss-based T is the informative one.</p>",
+                     "±4.30 standard errors with 3). Where the base cannot learn B from n_B examples (above), accuracy "
+                     "T is noise around 0; the loss-based T and the effective data transferred are the informative ones.</p>",
                      base_table(summary))]
     for metric, title in METRIC_TITLES.items():
         parts.append(section(title,
                              *(image(images, f"{metric}_{kind}", f"{metric} {kind}")
                                for kind in ("raw", "transfer", "similarity", "signed_similarity", "dendrogram")),
                              "<p>Pairs that transfer most and least:</p>", pairs_table(summary, metric)))
-    parts.append(proxy_section(summary, images))
+    parts += [edt_section(summary), widths_section(summary), proxy_section(summary, images)]
     seconds = summary["seconds"]
     parts.append(section("Time", f"<pre>{escape(json.dumps(seconds, indent=2))}</pre>"))
     return page(f"{summary['name']} — capshape transfer report", parts)

@@ -7,7 +7,7 @@ import copy
 import math
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -87,6 +87,11 @@ class TrainConfig(Section):
 
 
 class RunConfig(Section):
+    # Fields a protocol sets for each of its stages ({"data.tasks": "set transfer.tasks instead", ...}):
+    # setting them in the config would be silently ignored, so it is refused (`check_reserved`), and
+    # config.json leaves them out (`stored_fields`).
+    reserved: ClassVar[dict[str, str]] = {}
+
     name: str = Field("run", description="A label for the experiment.")
     seeds: list[int] = Field([0], min_length=1, description="One run per seed and objective.")
     objectives: list[str] = Field(["mean", "grouped"], min_length=1, description="Objectives to compare (see README).")
@@ -95,6 +100,28 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+
+
+def check_reserved(config: RunConfig, protocol: str) -> None:
+    """A reserved field set in the config is a one-line error naming it and what to set instead."""
+    for dotted, instead in type(config).reserved.items():
+        *section, name = dotted.split(".")
+        holder = getattr(config, section[0]) if section else config
+        if name in holder.model_fields_set:
+            raise CapshapeError(f"config field '{dotted}' is set by the {protocol} protocol for each stage: "
+                                f"{instead or 'remove it'}.")
+
+
+def stored_fields(config: RunConfig) -> dict:
+    """The config as a protocol's config.json holds it: without its reserved fields."""
+    exclude: dict = {}
+    for dotted in type(config).reserved:
+        *section, name = dotted.split(".")
+        if section:
+            exclude.setdefault(section[0], set()).add(name)
+        else:
+            exclude[name] = True
+    return config.model_dump(mode="json", exclude=exclude)
 
 
 def _first_error(error: ValidationError) -> str:

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from capshape.cli import app
 from capshape.config import build_config
 from capshape.errors import CapshapeError
-from capshape.experiments import run
-from capshape.experiments.distill import DistillConfig, check_distill_config, stage_config
+from capshape.experiments import get_protocol, kit, run
+from capshape.experiments.distill import DistillConfig, stage_config
 from capshape.experiments.distill_hooks import Distiller, TriggerFreeGuard, distillation_losses
 from capshape.experiments.distill_measure import measure
 from capshape.metrics.backdoor import attack_success_rate, defense_effectiveness, target_margin
@@ -217,7 +217,7 @@ def test_invalid_distill_fields_are_one_line(raw, message):
 ])
 def test_semantic_distill_errors_are_caught_before_training(raw, message):
     with pytest.raises(CapshapeError, match=message) as info:
-        check_distill_config(build_config(raw, schema=DistillConfig))
+        kit.check(get_protocol("distill"), build_config(raw, schema=DistillConfig))
     assert "\n" not in str(info.value)
 
 

@@ -14,11 +14,13 @@ from capshape.cli import app
 from capshape.config import RunConfig, build_config
 from capshape.errors import CapshapeError
 from capshape.experiments import build_report, kit, run
+from capshape.experiments import transfer as protocol
 from capshape.experiments.transfer import (TransferConfig, base_path, cell_dir, cell_specs, check_transfer_config,
                                            stage_a_dir)
 from capshape.experiments.transfer_proxy import task_affinities
 from capshape.experiments.transfer_stats import (cluster, edt_stats, effective_data, fit_transfer_law, learnability,
-                                                 metric_stats, rank_agreement, signed_similarity, similarity)
+                                                 metric_stats, rank_agreement, signed_similarity, similarity,
+                                                 spearman_interval)
 from capshape.metrics.stats import t_interval
 from capshape.models import build_model, per_example_losses
 from capshape.runstore import read_json
@@ -222,6 +224,14 @@ def test_rank_agreement_overall_and_per_target():
     assert rank_agreement(np.ones((3, 3)), measured)["rho"] is None
 
 
+def test_spearman_interval_by_fisher_z():
+    found = spearman_interval(0.5, 12)
+    spread = 1.96 * math.sqrt(1.06 / 9)
+    assert found["low"] == pytest.approx(math.tanh(math.atanh(0.5) - spread))
+    assert found["high"] == pytest.approx(math.tanh(math.atanh(0.5) + spread)) and found["low"] < 0 < 0.5 < found["high"]
+    assert spearman_interval(0.5, 3) == {"low": None, "high": None} and spearman_interval(None, 12)["low"] is None
+
+
 def test_lookahead_and_cosine_match_a_direct_computation():
     torch.manual_seed(0)
     config = tiny()
@@ -262,7 +272,7 @@ def test_bad_config_is_one_line(transfer, other, message):
     raw["transfer"].update(transfer)
     raw.update(other)
     with pytest.raises(CapshapeError) as info:
-        check_transfer_config(build_config(raw, schema=TransferConfig))
+        kit.check(protocol.PROTOCOL, build_config(raw, schema=TransferConfig))
     assert message in str(info.value) and "\n" not in str(info.value)
 
 

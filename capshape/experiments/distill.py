@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import torch
@@ -92,20 +92,13 @@ class DistillConfig(RunConfig):
     """[data]/[model]/[train] describe the clean teacher (and the settings shared by every stage); [distill]
     the backdoor, the students and the tests."""
 
+    reserved: ClassVar[dict[str, str]] = {"objectives": "", "objective": "", "train.init_from": ""}
+
     distill: DistillSection = DistillSection()
 
 
-# Fields the protocol sets for each stage; setting them in the config would be silently ignored.
-RESERVED = {"": ("objectives", "objective", "workers"), "train": ("init_from",)}
-
-
 def check_distill_config(config: DistillConfig) -> None:
-    """Names and reserved fields, checked before anything is written (the data is checked when built)."""
-    for section, names in RESERVED.items():
-        given = getattr(config, section).model_fields_set if section else config.model_fields_set
-        for name in (n for n in names if n in given):
-            raise CapshapeError(f"config field '{f'{section}.{name}'.strip('.')}' is set by the distill protocol "
-                                f"for each stage: remove it.")
+    """Names, checked before anything is written (reserved fields: by the kit; the data when built)."""
     if config.data.suite == "backdoor":
         raise CapshapeError("data.suite='backdoor': name the clean suite (e.g. 'text' or 'digits'); the distill "
                             "protocol plants the backdoor itself.")
@@ -126,7 +119,7 @@ def stage_config(config: DistillConfig, trigger: Optional[str], poison_ratio: fl
     and `poison_ratio` (0: clean training pools, triggered held-out sets)."""
     d = config.distill
     raw = config.model_dump(mode="json", exclude={"distill"})
-    raw.update(objectives=["mean"], objective={}, workers=1)
+    raw.update(objectives=["mean"], objective={})
     if trigger is not None:
         raw["data"].update(suite="backdoor", suite_params={
             "base": config.data.suite, "base_params": config.data.suite_params, "trigger": trigger,

@@ -4,7 +4,8 @@ A protocol is a `Protocol` value (its name, config schema, checks, `run`, `headl
 registered in registry.py. `run_protocol` owns the rest, the same for every protocol:
 
 - the runtime (`Runtime`: device, executor, workers, retries, resume, progress), resolved and checked once;
-- the checks and the preflight (data and memory) before anything is written;
+- the checks before anything is written: the fields the schema reserves (a protocol sets them per stage),
+  the protocol's own checks, and the preflight (data and memory);
 - the output directory's lifecycle (runstore.output_directory: lock, config.json, the resume contract);
 - summary.json, written by the kit with the protocol's name as its `kind`, only when there is a result;
 - execution: a protocol hands its training cells to `execute`, which runs them on the one executor
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from capshape.config import RunConfig
+from capshape.config import RunConfig, check_reserved, stored_fields
 from capshape.errors import CapshapeError
 from capshape.experiments.executor import EXECUTORS, Cell, run_cells
 from capshape.runstore import output_directory, write_json
@@ -61,13 +62,12 @@ Page = Callable[[dict, dict, Path], tuple[dict, str]]  # (summary, config, direc
 @dataclass(frozen=True)
 class Protocol:
     name: str  # the command, and the `kind` of its summary.json
-    schema: type[RunConfig]  # the config: RunConfig plus the protocol's own section
+    schema: type[RunConfig]  # the config: RunConfig plus the protocol's own section and its `reserved` fields
     check: Callable[[Any], None]  # everything checkable before a directory is written
     run: Callable[[Any, Path, Runtime], dict]  # the work, in the locked output directory; returns the summary
     headline: Headline
     page: Page  # the report page, from report/
     what: str  # "a transfer grid": names the directory in resume errors
-    stored_config: Callable[[Any], dict] = lambda config: config.model_dump(mode="json")
 
 
 def run_protocol(protocol: Protocol, config: RunConfig, out: Path, runtime: Runtime) -> dict:
@@ -78,12 +78,18 @@ def run_protocol(protocol: Protocol, config: RunConfig, out: Path, runtime: Runt
         config = config.model_copy(update={"workers": runtime.workers})
     if runtime.executor == "ray" and not config.train.threads:  # a Ray task reserves train.threads CPUs
         config = config.model_copy(update={"train": config.train.model_copy(update={"threads": 1})})
-    protocol.check(config)
+    check(protocol, config)
     preflight(config, runtime.device)
-    with output_directory(out, protocol.stored_config(config), runtime.resume, protocol.what) as out:
+    with output_directory(out, stored_fields(config), runtime.resume, protocol.what) as out:
         summary = {"kind": protocol.name, **protocol.run(config, out, runtime)}
         write_json(out / "summary.json", summary)
         return summary
+
+
+def check(protocol: Protocol, config: RunConfig) -> None:
+    """Everything checkable without building data: the fields the schema reserves, then the protocol's checks."""
+    check_reserved(config, protocol.name)
+    protocol.check(config)
 
 
 def execute(cells: list[Cell], config: RunConfig, runtime: Runtime) -> dict[str, str]:

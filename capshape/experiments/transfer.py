@@ -28,7 +28,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -103,31 +103,17 @@ class TransferConfig(RunConfig):
     """A run config whose [data]/[model]/[train] sections describe the base's pre-training and the settings
     shared by every stage; [transfer] describes the grid."""
 
+    reserved: ClassVar[dict[str, str]] = {
+        "seeds": "set transfer.seeds instead", "objectives": "", "objective": "", "data.suite": "",
+        "data.suite_params": "", "data.tasks": "set transfer.tasks / transfer.pretrain_tasks instead",
+        "data.eval_only": "", "data.jsonl": "", "train.steps": "set transfer.pretrain_steps / steps_a / steps_b instead",
+        "train.init_from": "set transfer.base instead", "train.eval_every": "", "train.checkpoint_every": ""}
+
     transfer: TransferSection = TransferSection()
 
 
-# Fields the protocol sets for each stage; setting them in the config would be silently ignored.
-RESERVED = {"": ("seeds", "objectives", "objective"), "data": ("suite", "suite_params", "tasks", "eval_only", "jsonl"),
-            "train": ("steps", "init_from", "eval_every", "checkpoint_every")}
-REPLACEMENT = {"seeds": "transfer.seeds", "data.tasks": "transfer.tasks / transfer.pretrain_tasks",
-               "train.steps": "transfer.pretrain_steps / steps_a / steps_b", "train.init_from": "transfer.base"}
-
-
-def stored_config(config: TransferConfig) -> dict:
-    """The config as OUT/config.json holds it: without the fields each stage sets for itself."""
-    exclude = {**dict.fromkeys(RESERVED[""], True), **{section: set(names) for section, names in RESERVED.items() if section}}
-    return config.model_dump(mode="json", exclude=exclude)
-
-
 def check_transfer_config(config: TransferConfig) -> None:
-    """Names, reserved fields and the base model, checked before anything is written."""
-    for section, names in RESERVED.items():
-        given = getattr(config, section).model_fields_set if section else config.model_fields_set
-        for name in names:
-            if name in given:
-                field = f"{section}.{name}".strip(".")
-                instead = f": set {REPLACEMENT[field]} instead" if field in REPLACEMENT else ""
-                raise CapshapeError(f"config field '{field}' is set by the transfer protocol for each stage{instead}.")
+    """Names and the base model, checked before anything is written (reserved fields: by the kit)."""
     t = config.transfer
     for field in ("tasks", "pretrain_tasks", "seeds"):
         values = getattr(t, field)
@@ -491,5 +477,4 @@ def summarize_proxy(out: Path, headline: dict, grid_seconds: float) -> Optional[
             "relative_cost": proxy["seconds"] / grid_seconds if grid_seconds else None}
 
 
-PROTOCOL = Protocol("transfer", TransferConfig, check_transfer_config, run, headline, transfer_report, "a transfer grid",
-                    stored_config)
+PROTOCOL = Protocol("transfer", TransferConfig, check_transfer_config, run, headline, transfer_report, "a transfer grid")

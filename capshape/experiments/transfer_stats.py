@@ -129,8 +129,18 @@ def rank_agreement(proxy: np.ndarray, measured: np.ndarray) -> dict:
     mask = ~np.eye(len(proxy), dtype=bool) & ~np.isnan(proxy) & ~np.isnan(measured)
     columns = [_spearman(proxy[mask[:, j], j], measured[mask[:, j], j]) for j in range(len(proxy))]
     columns = [rho for rho in columns if rho is not None]
-    return {"rho": _spearman(proxy[mask], measured[mask]), "n": int(mask.sum()),
+    rho, n = _spearman(proxy[mask], measured[mask]), int(mask.sum())
+    return {"rho": rho, "n": n, **spearman_interval(rho, n),
             "per_target": float(np.mean(columns)) if columns else None, "targets": len(columns)}
+
+
+def spearman_interval(rho: Optional[float], n: int) -> dict:
+    """95 % interval of a Spearman correlation by the Fisher z-transform with the variance 1.06/(n − 3)
+    of Fieller, Hartley and Pearson (1957); none below 4 pairs."""
+    if rho is None or n < 4:
+        return {"low": None, "high": None}
+    z, spread = math.atanh(max(min(rho, 0.999999), -0.999999)), 1.96 * math.sqrt(1.06 / (n - 3))
+    return {"low": math.tanh(z - spread), "high": math.tanh(z + spread)}
 
 
 # ---- learnability and effective data transferred -------------------------------------------------------

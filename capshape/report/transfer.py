@@ -234,18 +234,25 @@ def widths_section(summary: dict) -> str:
                    f"<table><tr><th>d_model</th><th>parameters</th><th>metric</th><th>most D_T, 95% CI</th></tr>{rows}</table>")
 
 
+def rho_text(agreement: dict) -> str:
+    """ρ with its 95% interval (Fisher z), where there is one."""
+    if agreement.get("low") is None:
+        return number(agreement.get("rho"))
+    return f"{number(agreement['rho'])} [{number(agreement['low'])}, {number(agreement['high'])}]"
+
+
 def proxy_section(summary: dict, images: dict[str, bytes]) -> str:
     proxy = summary.get("proxy")
     if not proxy:
         return ""
     rows = "".join(
         f"<tr><td>{escape(PROXY_TITLES[name])}</td>"
-        + "".join(f"<td>{number(proxy['spearman'][name][m]['rho'])}</td><td>{number(proxy['spearman'][name][m]['per_target'])}</td>"
+        + "".join(f"<td>{rho_text(proxy['spearman'][name][m])}</td><td>{number(proxy['spearman'][name][m]['per_target'])}</td>"
                   for m in METRIC_TITLES) + "</tr>"
         for name in PROXY_TITLES)
     heads = "".join(f"<th>ρ ({m}, all pairs)</th><th>mean ρ per target B ({m})</th>" for m in METRIC_TITLES)
     edt_rows = "".join(f"<tr><td>{escape(PROXY_TITLES[name])}</td>"
-                       + "".join(f"<td>{number(proxy['spearman'][name].get(f'edt_{m}', {}).get('rho'))}</td>" for m in METRIC_TITLES)
+                       + "".join(f"<td>{rho_text(proxy['spearman'][name].get(f'edt_{m}', {}))}</td>" for m in METRIC_TITLES)
                        + "</tr>" for name in PROXY_TITLES)
     cost = (f"<p>Cost: the proxy's run took {number(proxy['seconds'])} s of training loop ({number(proxy['probe_seconds'])} s "
             f"of it in the probe, {proxy['measured_steps']} measured steps); the grid's stages took "

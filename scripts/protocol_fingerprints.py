@@ -22,7 +22,7 @@ SMALL = ["train.threads=1", "data.eval_examples=32"]
 PROTOCOLS = {
     "compare": ("configs/demo.toml", ["train.steps=40", "train.eval_every=10", "seeds=[0,1]", "data.train_examples=500"]),
     "transfer": ("configs/transfer.toml", [
-        "transfer.tasks=[\"add\",\"sub\",\"copy\"]", "transfer.seeds=[0,1]", "transfer.pretrain_steps=20",
+        "transfer.tasks=[\"add\",\"sub\",\"copy\"]", "transfer.pretrain_tasks=[\"kv\"]", "transfer.seeds=[0,1]", "transfer.pretrain_steps=20",
         "transfer.steps_a=8", "transfer.steps_b=4", "transfer.proxy_steps=4", "transfer.proxy_every=2",
         "data.train_examples=500", "workers=1"]),
     "overhang": ("configs/overhang.toml", [

@@ -7,7 +7,8 @@ registered in registry.py. `run_protocol` owns the rest, the same for every prot
 - the checks before anything is written: the fields the schema reserves (a protocol sets them per stage),
   the protocol's own checks, and the preflight (data and memory);
 - the output directory's lifecycle (runstore.output_directory: lock, config.json, the resume contract);
-- summary.json, written by the kit with the protocol's name as its `kind`, only when there is a result;
+- summary.json, written by the kit with the protocol's name as its `kind` (a protocol with nothing
+  finished raises instead, so no empty summary is written);
 - execution: a protocol hands its training cells to `execute`, which runs them on the one executor
   (executor.py) with the runtime's device, workers, retries and progress bars.
 

@@ -395,18 +395,19 @@ def summarize(config: TransferConfig, out: Path, failures: dict[str, str], wall:
     headline = points[point_name(t.n_a[0], t.n_b[0])]
     base_eval = {b: {metric: float(np.mean([c["before"][metric] for c in alone if c["b"] == b])) for metric in METRICS}
                  for b in t.tasks if any(c["b"] == b for c in alone)}
+    parameters = parameter_count(config)
     stage_a = [stage_a_dir(out, a, n_a, s) for a in t.tasks for n_a in t.n_a for s in t.seeds]
     compute = {"base": loop_seconds(out / "base") if (out / "base").exists() else 0.0,
                "stage_a": sum(loop_seconds(run) for run in stage_a if run.exists()),
                "stage_b": sum(c["seconds"] for c in cells)}
     summary = {
         "name": config.name, "tasks": t.tasks, "seeds": t.seeds, "n_a": t.n_a, "n_b": t.n_b,
-        "baseline_sizes": baseline_sizes(config), "parameters": parameter_count(config),
+        "baseline_sizes": baseline_sizes(config), "parameters": parameters,
         "cells": len(cells), "expected_cells": len(cell_specs(config)), "failed": failures,
         "base": str(base_path(config, out)) if base_path(config, out) else None,
         "base_eval": base_eval, "learnability": learnability(alone, t.tasks, baseline_sizes(config), t.learnable_gain),
         "metrics": headline["metrics"], "edt": headline["edt"], "points": points,
-        "fit": {metric: fit_transfer_law(law_points({"points": points, "parameters": parameter_count(config)}, metric))
+        "fit": {metric: fit_transfer_law(law_points({"points": points, "parameters": parameters}, metric))
                 for metric in METRICS},
         "seconds": {"wall_this_invocation": wall, "compute": compute},
     }

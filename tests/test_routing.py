@@ -4,6 +4,7 @@ the relearning bookkeeping, config errors, a tiny end-to-end run and (slow) the 
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -14,11 +15,13 @@ from capshape.errors import CapshapeError
 from capshape.experiments import relearn as relearn_module
 from capshape.experiments import run
 from capshape.experiments.unlearn import UnlearnConfig, check_unlearn_config
-from capshape.experiments.unlearn_hooks import RMU, GradientAscentLosses, KeepBest
+from capshape.experiments.unlearn_hooks import RMU, GradientAscentLosses, KeepBest, mix_with
 from capshape.routing.era import era_step
+from capshape.routing.moe import MoESection
+from capshape.routing.sgtm import RETAIN_WITHOUT_RESERVED, SGTMRoutes, SGTMSection
 from capshape.models import build_model
 from capshape.experiments import build_report
-from capshape.routing import (ActivationRouter, ParameterRouter, RoutedLosses, Routes, contract_mlp, example_hash,
+from capshape.routing import (ActivationRouter, ForwardMasks, ParameterRouter, RoutedLosses, Routes, contract_mlp, example_hash,
                               expand_mlp, route)
 from capshape.tasks import TOKEN_INPUTS, Batch
 from capshape.tasks.tokenizer import IGNORE
@@ -236,6 +239,101 @@ def test_ablation_removes_what_was_routed(tiny_config, tmp_path):
     assert torch.equal(model(batch.inputs), original(batch.inputs))
 
 
+# ---- SGTM and MoE ---------------------------------------------------------------------------------
+
+def test_forward_masks_zero_units_in_forward_and_backward(tiny_config):
+    model = tiny_model(tiny_config)
+    batch = a_batch(tiny_config)
+    d_mlp = tiny_config.model.d_mlp
+    off = torch.cat([torch.ones(d_mlp // 2), torch.zeros(d_mlp - d_mlp // 2)])
+    masks = ForwardMasks(lambda b: torch.ones(len(b), dtype=torch.long), {SITE: torch.stack([torch.ones(d_mlp), off])})
+    seen = {}
+    with masks(model, batch), model.attach({SITE: lambda x: seen.setdefault("x", x)}):
+        routed = grads(model, lambda: cross_entropy_losses(model, batch).mean())
+    assert torch.all(seen["x"][..., d_mlp // 2:] == 0)
+    assert torch.all(routed["blocks.0.mlp.up.weight"][d_mlp // 2:] == 0)
+    with masks.fixed(model, 0):
+        assert torch.equal(model(batch.inputs), tiny_model(tiny_config)(batch.inputs))
+
+
+def test_sgtm_forget_examples_update_only_reserved_and_shared_entries(tiny_config):
+    """One step's gradient = retain examples' full gradient + the forget spec ⊙ forget examples' gradient."""
+    model = tiny_model(tiny_config)
+    sgtm = SGTMSection(mlp_units=8, heads=1, retain_masked=0.0)
+    batch = a_batch(tiny_config)  # copy (retain) and add (forget)
+    routes = Routes([0, 1])
+    forget = routes(batch) == 1
+    assert 0 < int(forget.sum()) < len(batch)
+    hooks = sgtm.step(model, routes)
+    model.zero_grad(set_to_none=True)
+    hooks.losses(model, batch).mean().backward()
+    hooks.after_backward(model, batch)
+    routed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    retain_part = grads(model, lambda: (cross_entropy_losses(model, batch) * ~forget).sum() / len(batch))
+    forget_part = grads(model, lambda: (cross_entropy_losses(model, batch) * forget).sum() / len(batch))
+    spec = sgtm.forget_spec(model)
+    for name, grad in routed.items():
+        expected = retain_part[name] + spec[name].expand_as(grad) * forget_part[name]
+        assert torch.allclose(grad, expected, atol=1e-7), name
+    up = routed["blocks.0.mlp.up.weight"]
+    assert not torch.allclose(up[-8:], retain_part["blocks.0.mlp.up.weight"][-8:])  # forget reached reserved rows
+    qkv = spec["blocks.0.attn.qkv.weight"].squeeze(1)  # d_model 16, 2 heads: the last 8 dims of q, k and v
+    assert qkv.tolist() == ([0.0] * 8 + [1.0] * 8) * 3
+    closed = SGTMSection(mlp_units=8, heads=1, forget_updates_shared=False).forget_spec(model)
+    assert "token_embedding.weight" not in closed and "token_embedding.weight" in spec
+
+
+def test_sgtm_masked_retain_share_runs_without_reserved_units_and_ablation_zeroes_them(tiny_config):
+    model = tiny_model(tiny_config)
+    sgtm = SGTMSection(mlp_units=8, heads=1, retain_masked=1.0)
+    batch = a_batch(tiny_config, tasks=["copy"])  # retain only: every example runs without the reserved units
+    hooks = sgtm.step(model, Routes([0]))
+    model.zero_grad(set_to_none=True)
+    hooks.losses(model, batch).mean().backward()
+    hooks.after_backward(model, batch)
+    assert torch.all(model.blocks[0].mlp.up.weight.grad[-8:] == 0)
+    assert torch.all(model.blocks[0].attn.qkv.weight.grad.view(3, 16, 16)[:, 8:] == 0)
+    assert torch.all(SGTMRoutes(Routes([0]), 1.0)(batch) == RETAIN_WITHOUT_RESERVED)
+    with ForwardMasks(SGTMRoutes(Routes([0]), 1.0), {site: torch.stack([1 - r, 1 - r, 1 - r])
+                                                     for site, r in sgtm.reserved(model).items()})(model, batch):
+        masked = model(batch.inputs)
+    sgtm.ablate(model)
+    assert torch.allclose(model(batch.inputs), masked, atol=1e-6)  # ablation = running without the reserved units
+    assert torch.all(model.blocks[0].mlp.up.weight[-8:] == 0) and torch.all(model.blocks[0].attn.proj.weight[:, 8:] == 0)
+
+
+def test_moe_routes_each_example_through_its_own_expert_and_dropping_keeps_retain(tiny_config):
+    model = tiny_model(tiny_config)
+    moe = MoESection(expert_units=8)
+    expansion = moe.expand(model, seed=0)
+    with torch.no_grad():
+        model.blocks[0].mlp.down.weight[:, -8:].normal_(std=0.5)  # a trained-looking expert
+    batch = a_batch(tiny_config)
+    routes = Routes([0, 1])
+    forget = routes(batch) == 1
+    experts = moe.experts(expansion, routes)
+    with experts(model, batch):
+        routed = model(batch.inputs)
+    with torch.no_grad():  # change the original units: forget examples must not notice
+        model.blocks[0].mlp.up.weight[:-8].normal_()
+    with experts(model, batch):
+        after = model(batch.inputs)
+    assert torch.equal(after[forget], routed[forget]) and not torch.allclose(after[~forget], routed[~forget])
+    with experts(model, batch):
+        retain_routed = model(batch.inputs)[~forget]
+    contract_mlp(model, expansion)
+    assert torch.allclose(model(batch.inputs)[~forget], retain_routed, atol=1e-6)
+
+
+def test_mix_with_interpolates_toward_the_other_weights(tiny_config):
+    a, b = tiny_model(tiny_config, seed=0), tiny_model(tiny_config, seed=1)
+    originals = [p.clone() for p in a.parameters()]
+    mix_with(a, b, 0.25)
+    for mixed, original, other in zip(a.parameters(), originals, b.parameters()):
+        assert torch.allclose(mixed, 0.75 * original + 0.25 * other, atol=1e-7)
+    assert all(torch.equal(p, q) for p, q in zip(mix_with(a, b, 1.0).parameters(), b.parameters()))
+
+
 # ---- method hooks --------------------------------------------------------------------------------
 
 def test_gradient_ascent_negates_forget_losses_and_caps_them(tiny_config):
@@ -315,8 +413,10 @@ TINY = {
     "data": {"tasks": ["copy", "add"], "train_examples": 100, "eval_examples": 16},
     "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "d_mlp": 32, "max_len": 16},
     "train": {"steps": 4, "batch_size": 8, "eval_every": 2, "checkpoint_every": 2, "warmup_steps": 1, "threads": 1},
+    "seeds": [0, 1],
     "unlearn": {"forget": ["add"], "post_steps": 3, "unlabelled": [0.5],
-                "era": {"neurons": 4, "select_every": 1},
+                "era": {"neurons": 4, "select_every": 1}, "sgtm": {"mlp_units": 8}, "moe": {"expert_units": 8},
+                "undo": {"steps": 3},
                 "relearn": {"sizes": [1, 2], "seeds": [0], "steps": 2, "batch_size": 4},
                 "digits": {"steps": 3, "certificate_steps": 3, "hidden": 8, "latent": 4, "batch_size": 20}},
 }
@@ -326,7 +426,10 @@ TINY = {
     (["unlearn.forget=[\"mul\"]"], "'mul' is not in data.tasks"),
     (["unlearn.forget=[\"add\", \"copy\"]"], "leave at least one task to retain"),
     (["data.eval_only=[\"sub\"]"], "data.eval_only"),
-    (["seeds=[0, 1]"], "one model per method"),
+    (["unlearn.methods=[\"undo\"]"], "unlearn.undo.base"),
+    (["unlearn.sgtm.mlp_units=32"], "unlearn.sgtm.mlp_units"),
+    (["unlearn.sgtm.heads=2"], "unlearn.sgtm.heads"),
+    (["unlearn.moe.blocks=[1]"], "block 1 does not exist"),
     (["unlearn.era.blocks=[3]"], "block 3 does not exist"),
     (["unlearn.rmu.trainable=[\"encoder.\"]"], "unlearn.rmu.trainable"),
     (["unlearn.unlabelled=[0.0]"], "unlearn.unlabelled"),
@@ -354,17 +457,32 @@ def test_tiny_unlearn_end_to_end_with_report_and_resume(tmp_path):
     out = tmp_path / "out"
     summary = run("unlearn", config, out, show_progress=False)
     assert summary["kind"] == "unlearn" and summary["forget"] == ["add"] and summary["retain"] == ["copy"]
-    assert list(summary["methods"]) == ["plain", "filter", "era", "gradient_ascent", "rmu"]
+    methods = ["plain", "filter", "era", "sgtm", "moe", "gradient_ascent", "rmu", "undo"]
+    assert list(summary["methods"]) == methods and summary["seeds"] == [0, 1]
     assert list(summary["methods"]["era"]["stages"]) == ["trained", "ablated", "final"]
-    assert summary["methods"]["plain"]["alignment_tax"]["vs_plain"] == 0.0
-    assert summary["methods"]["filter"]["alignment_tax"]["vs_filter"] == 0.0
-    assert set(summary["relearn"]) == set(summary["methods"])
-    assert summary["partial"]["unlabelled"] == [0.0, 0.5] and len(summary["partial"]["era"]) == 2
+    assert list(summary["methods"]["sgtm"]["stages"]) == list(summary["methods"]["moe"]["stages"]) == ["trained", "final"]
+    assert list(summary["methods"]["undo"]["stages"]) == ["unlearned", "final"]
+    # undo's teacher is gradient ascent's final model, seed by seed
+    for seed in ("0", "1"):
+        assert (summary["methods"]["undo"]["per_seed"][seed]["unlearned"]["tasks"]
+                == summary["methods"]["gradient_ascent"]["per_seed"][seed]["final"]["tasks"])
+    loss = lambda m, s: summary["methods"][m]["per_seed"][s]["final"]["forget"]["loss"]
+    interval = summary["methods"]["era"]["stages"]["final"]["forget"]["loss"]
+    assert interval["n"] == 2 and interval["low"] <= interval["mean"] == pytest.approx((loss("era", "0") + loss("era", "1")) / 2)
+    paired = summary["methods"]["era"]["vs_plain"]["forget_loss"]
+    assert paired["diff"] == pytest.approx(np.mean([loss("era", s) - loss("plain", s) for s in ("0", "1")]))
+    assert summary["methods"]["plain"]["vs_plain"]["retain_loss"]["diff"] == 0.0
+    assert set(summary["relearn"]) == set(methods)
+    attack = summary["relearn"]["plain"]["by_size"]["1"]
+    assert attack["runs"] == 2 and attack["recovered"] == 2 and attack["censored_at"] == 2  # plain is its own target
+    assert summary["partial"]["unlabelled"] == [0.0, 0.5] and set(summary["partial"]["methods"]) == set(methods[1:])
+    assert summary["tradeoff"]["sgtm"]["forget_loss_after_attack"] == summary["relearn"]["sgtm"]["by_size"]["2"]["loss_after"]
+    assert summary["compute"]["cpu_minutes"] > 0 and summary["compute"]["training_seconds"]["undo"]["mean"] > 0
     assert set(summary["digits"]["routed"]["errors"]) == {"autoencoder", "certificate_first", "certificate_second"}
     report = build_report(out)
     assert report.exists()
-    assert {p.stem for p in (out / "plots").iterdir()} == {"forget_retain", "alignment_tax", "relearning_loss",
-                                                           "relearning_accuracy", "partial_labels", "digits_certificates"}
+    assert {p.stem for p in (out / "plots").iterdir()} == {"tradeoff", "forget_retain", "robustness", "relearning_loss",
+                                                           "relearning_accuracy", "label_noise", "digits_certificates"}
     with pytest.raises(CapshapeError, match="--resume"):
         run("unlearn", config, out, show_progress=False)
     with pytest.raises(CapshapeError, match="train.steps"):
@@ -391,6 +509,12 @@ post_steps = 4
 unlabelled = [0.5, 1.0]
 [unlearn.era]
 neurons = 4
+[unlearn.sgtm]
+mlp_units = 8
+[unlearn.moe]
+expert_units = 8
+[unlearn.undo]
+steps = 3
 [unlearn.relearn]
 sizes = [1, 4]
 seeds = [0, 1]
@@ -412,7 +536,7 @@ def test_unlearn_through_the_real_cli(tmp_path):
     assert result.exit_code == 0, result.output
     assert "report:" in result.output and "era" in result.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["partial"]["unlabelled"] == [0.0, 0.5, 1.0]
+    assert summary["partial"]["unlabelled"] == [0.0, 0.5, 1.0] and len(summary["partial"]["methods"]["era"]) == 3
     assert (out / "report.html").exists()
     assert runner.invoke(app, ["unlearn", str(config), "--out", str(out), "--resume"]).exit_code == 0
     assert runner.invoke(app, ["report", str(out)]).exit_code == 0

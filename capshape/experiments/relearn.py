@@ -54,13 +54,6 @@ def summarize_runs(runs: list[dict]) -> dict:
             "median_steps_to_recover": float(np.median(recovered)) if len(recovered) * 2 > len(runs) else None}
 
 
-def steps_to_common_target(attack: dict, targets: dict, recover: float = 1.0) -> dict[str, list]:
-    """Per size: each seed's steps to reach `recover` × `targets[seed]["accuracy"]` (e.g. the plain model's,
-    a target shared by every method), from the stored curves."""
-    return {n: [step_reaching(run["curve"]["steps"], run["curve"]["accuracy"], recover * targets[str(run["seed"])]["accuracy"]) for run in stats["per_seed"]]
-            for n, stats in attack["by_size"].items()}
-
-
 def reference_accuracy(reference, config: RunConfig, seed: int, forget: list[str]) -> dict:
     """The pre-unlearning model's forget loss and accuracy on the held-out set a relearning seed uses."""
     data = prepare_data(config, seed).data

@@ -1,32 +1,37 @@
-"""Protocol `unlearn`: Expand-Route-Ablate (ERA, Cloud et al. 2024, "Gradient Routing") against
-unlearning baselines, all through the same evaluation and relearning harness.
+"""Protocol `unlearn`: gradient routing (ERA, SGTM), MoE-ification and unlearning baselines, all through
+the same evaluation, relearning attack and label-noise sweep, over seeds.
 
-The forget tasks (`unlearn.forget`) are a subset of `data.tasks`; the others are retained. With the
-same seed, data, model and pre-training budget ([data], [model], [train]):
+The forget tasks (`unlearn.forget`) are a subset of `data.tasks`; the others are retained. Per seed, with
+the same data, model and pre-training budget ([data], [model], [train]):
 
     plain            trained on everything
     filter           never trained on the forget tasks (evaluated only): the gold standard
-    era              expanded MLPs (`unlearn.era.neurons` units per block), trained with gradient
-                     routing (forget examples -> added units), added units ablated, then an optional
-                     coherence fine-tune on retain data (`post_steps`, best step by held-out retain loss)
+    era              Expand-Route-Ablate (Cloud et al. 2024): expanded MLPs, forget examples' gradients
+                     routed to the added units, added units ablated, optional coherence fine-tune
+    sgtm             Selective Gradient Masking (Shilov et al. 2025): forget examples update only reserved
+                     MLP units and heads of the existing model (routing/sgtm.py), which are then zeroed
+    moe              an expert per route in every MLP (routing/moe.py); the forget expert is dropped
     gradient_ascent  the plain model, then `post_steps` of ascent on forget examples with a retain term
-    rmu              the plain model, then `post_steps` of RMU (activations of forget examples steered to
-                     a scaled random vector, retain activations held at the frozen model's)
+    rmu              the plain model, then `post_steps` of RMU (Li et al. 2024)
+    undo             UNDO (Lee et al. 2025): the model of `undo.base`, mixed with a fresh initialisation
+                     (θ ← (1−α)·θ + α·θ_init), then distilled from the unlearned model on every task
 
 Every method's final model is evaluated on every task's held-out set, then attacked by relearning
-(relearn.py). A partial-label sweep repeats era and filter with a share of the forget examples
-unlabelled (trained as retain); the digits split (digits_split.py) replicates the published
+(relearn.py: fine-tuning on n forget examples, steps until the plain model's forget accuracy is back,
+censored at `relearn.steps`). The label-noise sweep repeats every method with a share of the forget
+examples unlabelled (trained as retain). Figures are means over seeds with t-intervals; comparisons with
+plain and filter are paired by seed. The digits split (digits_split.py) replicates the published
 autoencoder experiment on real data.
 
     OUT/config.json  summary.json  report.html  plots/
-    OUT/methods/<method>/  run directories (train/, coherence/), result.json (evaluations per stage)
-    OUT/relearn/<method>/n<n>-seed<s>/  relearning runs;  OUT/relearn/<method>.json
-    OUT/partial/u<fraction>/{era,filter}/  the partial-label sweep;  OUT/digits/  the digits split
+    OUT/methods/<method>/seed<s>/  run directories (train/, ...), result.json (evaluations per stage)
+    OUT/relearn/<method>/seed<s>/n<n>-seed<a>/  relearning runs;  OUT/relearn/<method>/seed<s>.json
+    OUT/partial/u<share>/<method>/seed<s>/  the label-noise sweep;  OUT/digits/  the digits split
 
-Each method is a small class registered in `METHODS` (one line); its training is one cell of the
-kit's executor. Waves: the methods that train from scratch (plain, filter, era), the partial-label
-sweep and the digits split; then those that start from the plain model; then one relearning cell per
-method. A stage whose result file exists is never recomputed (`--resume`); interrupted training runs
+Each method is a small class registered in `METHODS` (one line); one training is one cell of the kit's
+executor. Waves: methods that train from scratch, the sweep's from-scratch runs and the digits split; then
+those that start from the plain model; then undo (after its base); then one relearning cell per method
+and seed. A stage whose result file exists is never recomputed (`--resume`); interrupted training runs
 continue from their checkpoints, an interrupted coherence fine-tune restarts (its best-step memory is lost).
 """
 from __future__ import annotations
@@ -43,14 +48,18 @@ from pydantic import Field, field_validator
 from capshape.config import RunConfig, Section
 from capshape.errors import CapshapeError
 from capshape.experiments.digits_split import DigitsSplitSection, run_digits_split
+from capshape.experiments.distill_hooks import Distiller
 from capshape.experiments.executor import Cell
 from capshape.experiments.kit import CellProgress, Protocol, Runtime, execute, raise_failures
-from capshape.experiments.relearn import run_relearning, steps_to_common_target
-from capshape.experiments.unlearn_hooks import RMU, GradientAscentLosses, KeepBest, filter_hooks
+from capshape.experiments.relearn import run_relearning
+from capshape.experiments.unlearn_hooks import RMU, GradientAscentLosses, KeepBest, filter_hooks, mix_with
+from capshape.metrics.stats import paired_difference, t_interval
 from capshape.models import build_model
 from capshape.report.unlearn import unlearn_report
 from capshape.routing import Routes, contract_mlp
 from capshape.routing.era import FORGET, RETAIN, RoutingSection
+from capshape.routing.moe import MoESection
+from capshape.routing.sgtm import SGTMSection
 from capshape.runstore import read_json, write_json
 from capshape.tasks import TOKEN_INPUTS
 from capshape.train import (RunSpec, StepHooks, TrainRuntime, check_config, evaluate, initial_model, load_model,
@@ -77,26 +86,40 @@ class RMUSection(Section):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
 
 
+class UndoSection(Section):
+    base: str = Field("gradient_ascent", description="The unlearning method applied first (also in unlearn.methods).")
+    alpha: float = Field(0.6, ge=0, le=1, description="Noise: the student starts at (1−α)·θ_unlearned + α·θ_init "
+                         "(0: distil into the unlearned weights; 1: into a fresh network).")
+    steps: int = Field(500, gt=0, description="Distillation steps (on every task; the teacher is the unlearned model).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of the distillation.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature τ of the distillation loss.")
+
+
 class RelearnSection(Section):
     sizes: list[int] = Field([1, 4, 16, 64], min_length=1, description="Forget examples (per forget task) of each attack.")
-    seeds: list[int] = Field([0, 1], min_length=1, description="Each fixes the examples, batch order and held-out set.")
-    steps: int = Field(30, gt=0, description="Fine-tuning steps of every attack (forget evaluated at each).")
+    seeds: list[int] = Field([0], min_length=1, description="Attacks per trained model; each fixes the examples, "
+                             "batch order and held-out set.")
+    steps: int = Field(50, gt=0, description="Fine-tuning steps of every attack (forget evaluated at each): the "
+                       "budget at which steps-to-recover is censored.")
     lr: float = Field(1e-3, gt=0, description="Constant learning rate of the attack.")
     batch_size: int = Field(16, gt=0, description="Batch size (at most the number of examples).")
     recover: float = Field(1.0, gt=0, le=1, description="Recovered once the forget accuracy reaches this fraction of "
-                           "the pre-unlearning model's.")
+                           "the plain model's (same seed, same held-out set).")
 
 
 class UnlearnSection(Section):
     forget: list[str] = Field(["mul"], min_length=1, description="Tasks to unlearn, each in data.tasks; the others are retained.")
-    methods: list[str] = Field(["filter", "era", "gradient_ascent", "rmu"], min_length=1,
+    methods: list[str] = Field(["filter", "era", "sgtm", "moe", "gradient_ascent", "rmu", "undo"], min_length=1,
                                description="Methods compared with the plain model (always trained): names in METHODS.")
     post_steps: int = Field(100, gt=0, description="Steps after pre-training: ERA's coherence fine-tune, gradient ascent, RMU.")
-    unlabelled: list[float] = Field([0.5, 0.9], description="Partial-label sweep: shares of forget examples without "
-                                    "a label (trained as retain) for era and filter; 0 is the main run. [] skips it.")
+    unlabelled: list[float] = Field([], description="Label-noise sweep: shares of forget examples without a label "
+                                    "(trained as retain), each repeated for every method; 0 is the main run. [] skips it.")
     era: ERASection = ERASection()
+    sgtm: SGTMSection = SGTMSection()
+    moe: MoESection = MoESection()
     gradient_ascent: GradientAscentSection = GradientAscentSection()
     rmu: RMUSection = RMUSection()
+    undo: UndoSection = UndoSection()
     relearn: RelearnSection = RelearnSection()
     digits: DigitsSplitSection = DigitsSplitSection()
 
@@ -110,7 +133,8 @@ class UnlearnSection(Section):
 
 
 class UnlearnConfig(RunConfig):
-    """[data]/[model]/[train] describe the pre-training shared by plain, filter and era; [unlearn] the rest."""
+    """[data]/[model]/[train] describe the pre-training shared by every method; [unlearn] the rest; every
+    method is trained once per seed in `seeds`."""
 
     objectives: list[str] = Field(["mean"], min_length=1, max_length=1, description="The one objective of every training.")
     unlearn: UnlearnSection = UnlearnSection()
@@ -136,10 +160,10 @@ def pretrain_config(config: UnlearnConfig, filtered: bool = False) -> RunConfig:
     return stage_config(config, config.data.tasks)
 
 
-def post_config(config: UnlearnConfig, tasks: list[str], eval_only: list[str], lr: float,
+def post_config(config: UnlearnConfig, tasks: list[str], eval_only: list[str], lr: float, steps: Optional[int] = None,
                 init_from: Optional[Path] = None) -> RunConfig:
-    """A post-training stage of post_steps, evaluated at its first and last step."""
-    steps = config.unlearn.post_steps
+    """A post-training stage (post_steps unless given), evaluated at its first and last step."""
+    steps = steps or config.unlearn.post_steps
     return stage_config(config, tasks, eval_only, steps=steps, lr=lr, warmup_steps=steps // 10, eval_every=steps,
                         checkpoint_every=steps, init_from=None if init_from is None else str(init_from))
 
@@ -151,9 +175,6 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
         raise CapshapeError("unlearn works on the built-in text tasks: set data.suite='text' and data.jsonl=[].")
     if config.data.eval_only:
         raise CapshapeError("config field 'data.eval_only' is set by the unlearn protocol (filter evaluates the forget tasks only).")
-    if len(config.seeds) != 1:
-        raise CapshapeError(f"unlearn trains one model per method: set seeds = [k] (got {config.seeds}); relearning "
-                            f"repeats over unlearn.relearn.seeds.")
     missing = [t for t in u.forget if t not in config.data.tasks]
     if missing:
         raise CapshapeError(f"unlearn.forget: '{missing[0]}' is not in data.tasks {config.data.tasks}: add it there.")
@@ -163,7 +184,12 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
         values = getattr(u, field)
         if len(set(values)) != len(values):
             raise CapshapeError(f"unlearn.{field} lists a name twice: list each once.")
+    if "undo" in u.methods and u.undo.base not in u.methods or u.undo.base in ("undo", "plain"):
+        raise CapshapeError(f"unlearn.undo.base: '{u.undo.base}' must be another method listed in unlearn.methods "
+                            f"(e.g. 'gradient_ascent'): add it there or change the base.")
     u.era.check(config.model, "unlearn.era")
+    u.sgtm.check(config.model, "unlearn.sgtm")
+    u.moe.check(config.model, "unlearn.moe")
     n_layer = config.model.n_layer
     if not 0 <= u.rmu.layer < n_layer:
         raise CapshapeError(f"unlearn.rmu.layer: block {u.rmu.layer} does not exist (model.n_layer = {n_layer}): "
@@ -186,33 +212,37 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
 class UnlearnSetup:
     """The config, output folder and seed, the forget and retain tasks and every task's held-out data."""
 
-    def __init__(self, config: UnlearnConfig, out: Path, device: str = "cpu"):
-        self.config, self.out, self.device = config, Path(out), device
-        self.seed, self.objective = config.seeds[0], config.objectives[0]
+    def __init__(self, config: UnlearnConfig, out: Path, seed: int, device: str = "cpu"):
+        self.config, self.out, self.seed, self.device = config, Path(out), seed, device
+        self.objective = config.objectives[0]
         self.forget, self.retain = list(config.unlearn.forget), retain_tasks(config)
-        self.data = prepare_data(pretrain_config(config), self.seed).data  # every task, with its held-out set
+        self.data = prepare_data(pretrain_config(config), seed).data  # every task, with its held-out set
         self.retain_data = [d for d in self.data if d.task.name in self.retain]
 
     def routes(self, labelled: float = 1.0) -> Routes:
         """Route per trained task (data.tasks order): forget tasks -> FORGET, retain -> RETAIN."""
         return Routes([FORGET if t in self.forget else RETAIN for t in self.config.data.tasks], labelled)
 
-    def fresh_model(self):
-        """The initial weights of the plain model's run."""
-        return initial_model(self.config, TOKEN_INPUTS, self.seed)
+    def fresh_model(self, seed: Optional[int] = None):
+        """The initial weights of the plain model's run (of another seed if given)."""
+        return initial_model(self.config, TOKEN_INPUTS, self.seed if seed is None else seed)
 
     def load(self, path: Path):
         model = self.fresh_model()
         load_model(path, model)
         return model
 
-    def expanded_model(self):
-        model = self.fresh_model()
-        return model, self.config.unlearn.era.expand(model, self.seed)
-
-    def measure(self, model) -> dict:
-        """Every task's held-out metrics, and the means over forget and retain tasks."""
-        tasks = evaluate(model.cpu(), self.data, "cpu")
+    def measure(self, model, masks=None) -> dict:
+        """Every task's held-out metrics, and the means over forget and retain tasks. `masks` (ForwardMasks):
+        each task is evaluated through its route's units (e.g. its expert)."""
+        model = model.cpu()
+        if masks is None:
+            tasks = evaluate(model, self.data, "cpu")
+        else:
+            tasks = {}
+            for d in self.data:
+                with masks.fixed(model, FORGET if d.task.name in self.forget else RETAIN):
+                    tasks.update(evaluate(model, [d], "cpu"))
         mean = lambda names, key: float(np.mean([tasks[t][key] for t in names]))
         return {"tasks": tasks, **{side: {key: mean(names, key) for key in ("loss", "accuracy", "token_accuracy")}
                                    for side, names in (("forget", self.forget), ("retain", self.retain))}}
@@ -227,8 +257,13 @@ class UnlearnSetup:
     def relative(self, path: Path) -> str:
         return str(Path(path).relative_to(self.out))
 
+    def model_of(self, method: str, directory: Optional[Path] = None) -> Path:
+        """The final model file of `method` for this seed (in the sweep folder `directory` if given)."""
+        directory = method_dir(self.out, method, self.seed) if directory is None else directory
+        return self.out / read_json(directory / "result.json")["model"]
+
     def plain_model(self) -> Path:
-        return self.out / read_json(method_dir(self.out, "plain") / "result.json")["model"]
+        return self.model_of("plain")
 
 
 def cached(path: Path, compute: Callable[[], dict]) -> dict:
@@ -245,23 +280,18 @@ def cached(path: Path, compute: Callable[[], dict]) -> dict:
 # ---- methods: each trains into its directory and returns {"stages": {stage: measurement}, "model": path} --
 
 class UnlearnMethod:
-    """One way to remove the forget tasks. `from_plain`: it edits the trained plain model (so it runs after
-    plain); `partial_labels`: the partial-label sweep repeats it with a share of forget examples unlabelled."""
+    """One way to remove the forget tasks. `wave`: 0 trains from scratch, 1 edits the trained plain model,
+    2 edits another method's model (so it runs after both)."""
 
     name = ""
-    from_plain = False
-    partial_labels = False
+    wave = 0
 
     def steps(self, config: UnlearnConfig) -> int:
         """Training steps of one run of the method (its progress bar)."""
-        return config.unlearn.post_steps if self.from_plain else config.train.steps
+        return config.train.steps if self.wave == 0 else config.unlearn.post_steps
 
     def run(self, setup: UnlearnSetup, directory: Path, progress: CellProgress, labelled: float = 1.0) -> dict:
         raise NotImplementedError
-
-    def reference_model(self, setup: UnlearnSetup):
-        """The model before unlearning, whose forget accuracy relearning tries to recover: the plain model."""
-        return setup.load(setup.plain_model())
 
 
 class Plain(UnlearnMethod):
@@ -279,7 +309,6 @@ class Filter(UnlearnMethod):
     get no loss and the unlabelled ones are trained as retain."""
 
     name = "filter"
-    partial_labels = True
 
     def run(self, setup, directory, progress, labelled=1.0):
         partial = labelled < 1
@@ -293,15 +322,14 @@ class ERA(UnlearnMethod):
     """Expand, train with routing, ablate (contract), optional coherence fine-tune on retain data."""
 
     name = "era"
-    partial_labels = True
 
     def steps(self, config):
         return config.train.steps + (config.unlearn.post_steps if config.unlearn.era.coherence else 0)
 
     def run(self, setup, directory, progress, labelled=1.0):
         era = setup.config.unlearn.era
-        model, expansion = setup.expanded_model()
-        write_json(directory / "expansion.json", expansion.to_json())
+        model = setup.fresh_model()
+        expansion = era.expand(model, setup.seed)
         setup.train(pretrain_config(setup.config), directory / "train", progress,
                     hooks=StepHooks.of(era.step(expansion, setup.routes(labelled))), model=model)
         load_model(directory / "train" / "model.safetensors", model)
@@ -319,23 +347,56 @@ class ERA(UnlearnMethod):
         save_model(directory / "model.safetensors", model)
         return {**result, "model": setup.relative(directory / "model.safetensors"), "expansion": expansion.to_json()}
 
-    def reference_model(self, setup):
-        """The routed model before ablation."""
-        model, _ = setup.expanded_model()
-        load_model(method_dir(setup.out, self.name) / "train" / "model.safetensors", model)
-        return model
+
+class SGTM(UnlearnMethod):
+    """Selective gradient masking into reserved units and heads, which are zeroed after training."""
+
+    name = "sgtm"
+
+    def run(self, setup, directory, progress, labelled=1.0):
+        sgtm = setup.config.unlearn.sgtm
+        model = setup.fresh_model()
+        setup.train(pretrain_config(setup.config), directory / "train", progress,
+                    hooks=StepHooks.of(sgtm.step(model, setup.routes(labelled))), model=model)
+        load_model(directory / "train" / "model.safetensors", model)
+        stages = {"trained": setup.measure(model)}
+        sgtm.ablate(model)
+        stages["final"] = setup.measure(model)
+        save_model(directory / "model.safetensors", model)
+        reserved = sum(int(mask.sum()) for mask in sgtm.reserved(model).values())
+        return {"stages": stages, "model": setup.relative(directory / "model.safetensors"), "reserved_dimensions": reserved}
+
+
+class MoE(UnlearnMethod):
+    """A forget expert in every MLP, forget examples routed through it alone; dropped after training."""
+
+    name = "moe"
+
+    def run(self, setup, directory, progress, labelled=1.0):
+        moe = setup.config.unlearn.moe
+        model = setup.fresh_model()
+        expansion = moe.expand(model, setup.seed)
+        experts = moe.experts(expansion, setup.routes(labelled))
+        setup.train(pretrain_config(setup.config), directory / "train", progress,
+                    hooks=StepHooks(around_forward=experts), model=model)
+        load_model(directory / "train" / "model.safetensors", model)
+        stages = {"trained": setup.measure(model, masks=experts)}  # each task through its own expert
+        contract_mlp(model, expansion)
+        stages["final"] = setup.measure(model)
+        save_model(directory / "model.safetensors", model)
+        return {"stages": stages, "model": setup.relative(directory / "model.safetensors"), "expansion": expansion.to_json()}
 
 
 class GradientAscent(UnlearnMethod):
     """The plain model, then post_steps of ascent on forget examples with a retain term."""
 
     name = "gradient_ascent"
-    from_plain = True
+    wave = 1
 
     def run(self, setup, directory, progress, labelled=1.0):
         g = setup.config.unlearn.gradient_ascent
-        config = post_config(setup.config, setup.config.data.tasks, [], g.lr, setup.plain_model())
-        hooks = StepHooks(losses=GradientAscentLosses(setup.routes(), g.forget_weight, g.loss_cap))
+        config = post_config(setup.config, setup.config.data.tasks, [], g.lr, init_from=setup.plain_model())
+        hooks = StepHooks(losses=GradientAscentLosses(setup.routes(labelled), g.forget_weight, g.loss_cap))
         path = setup.train(config, directory / "train", progress, hooks=hooks)
         return {"stages": {"final": setup.measure(setup.load(path))}, "model": setup.relative(path)}
 
@@ -344,131 +405,225 @@ class RepresentationMisdirection(UnlearnMethod):
     """The plain model, then post_steps of RMU (Li et al. 2024)."""
 
     name = "rmu"
-    from_plain = True
+    wave = 1
 
     def run(self, setup, directory, progress, labelled=1.0):
         r = setup.config.unlearn.rmu
         plain = setup.plain_model()
         reference = torch.cat([d.held_out.inputs[:64] for d in setup.data])
-        rmu = RMU(setup.load(plain), f"blocks.{r.layer}.resid_post", setup.routes(), r.steering, r.alpha, r.trainable,
-                  reference, setup.seed)
-        config = post_config(setup.config, setup.config.data.tasks, [], r.lr, plain)
+        rmu = RMU(setup.load(plain), f"blocks.{r.layer}.resid_post", setup.routes(labelled), r.steering, r.alpha,
+                  r.trainable, reference, setup.seed)
+        config = post_config(setup.config, setup.config.data.tasks, [], r.lr, init_from=plain)
         path = setup.train(config, directory / "train", progress, hooks=StepHooks.of(rmu))
         return {"stages": {"final": setup.measure(setup.load(path))}, "model": setup.relative(path),
                 "steering_norm": rmu.steering_norm}
 
 
-METHODS: dict[str, UnlearnMethod] = {m.name: m for m in (Plain(), Filter(), ERA(), GradientAscent(),
-                                                          RepresentationMisdirection())}
+class Undo(UnlearnMethod):
+    """UNDO (Lee et al. 2025, "Distillation Robustifies Unlearning"): the base method's unlearned model is
+    the teacher; the student starts from it mixed with a fresh initialisation, θ = (1−α)·θ_unlearned +
+    α·θ_init, and is distilled on every task (KL to the teacher's outputs, no labels needed)."""
+
+    name = "undo"
+    wave = 2
+
+    def steps(self, config):
+        return config.unlearn.undo.steps
+
+    def run(self, setup, directory, progress, labelled=1.0):
+        u = setup.config.unlearn.undo
+        base = setup.model_of(u.base, directory.parent.parent / u.base / directory.name)  # same seed and share
+        teacher = setup.load(base)
+        student = mix_with(setup.load(base), setup.fresh_model(seed=setup.seed + 1), u.alpha)
+        config = post_config(setup.config, setup.config.data.tasks, [], u.lr, steps=u.steps)
+        path = setup.train(config, directory / "train", progress,
+                           hooks=StepHooks(losses=Distiller(teacher, u.temperature, 0.0)), model=student)
+        return {"stages": {"unlearned": setup.measure(teacher), "final": setup.measure(setup.load(path))},
+                "model": setup.relative(path), "base": u.base, "alpha": u.alpha, "distill_steps": u.steps}
+
+
+METHODS: dict[str, UnlearnMethod] = {m.name: m for m in (Plain(), Filter(), ERA(), SGTM(), MoE(), GradientAscent(),
+                                                          RepresentationMisdirection(), Undo())}
 
 
 # ---- cells: module-level functions run in worker processes --------------------------------------------
 
-def method_dir(out: Path, method: str) -> Path:
-    return Path(out) / "methods" / method
+def method_dir(out: Path, method: str, seed: int, unlabelled: float = 0.0) -> Path:
+    root = Path(out) / "methods" if unlabelled == 0 else Path(out) / "partial" / f"u{unlabelled:g}"
+    return root / method / f"seed{seed}"
 
 
-def partial_dir(out: Path, unlabelled: float) -> Path:
-    return Path(out) / "partial" / f"u{unlabelled:g}"
+def relearn_path(out: Path, method: str, seed: int) -> Path:
+    return Path(out) / "relearn" / method / f"seed{seed}.json"
 
 
-def method_cell(config: UnlearnConfig, out: Path, method: str, directory: Path, labelled: float = 1.0,
+def method_cell(config: UnlearnConfig, out: Path, method: str, seed: int, unlabelled: float = 0.0,
                 device: str = "cpu", on_progress=None) -> None:
-    """One method's training and measurement, stored as directory/result.json."""
-    setup = UnlearnSetup(config, out, device)
-    cached(directory / "result.json", lambda: METHODS[method].run(setup, directory, CellProgress(on_progress), labelled))
+    """One method's training and measurement for one seed and unlabelled share, stored as result.json."""
+    setup = UnlearnSetup(config, out, seed, device)
+    directory = method_dir(out, method, seed, unlabelled)
+    cached(directory / "result.json",
+           lambda: METHODS[method].run(setup, directory, CellProgress(on_progress), 1.0 - unlabelled))
 
 
-def relearn_cell(config: UnlearnConfig, out: Path, method: str, device: str = "cpu", on_progress=None) -> None:
-    """The relearning attacks on one method's final model, stored as relearn/<method>.json."""
-    setup = UnlearnSetup(config, out, device)
+def relearn_cell(config: UnlearnConfig, out: Path, method: str, seed: int, device: str = "cpu", on_progress=None) -> None:
+    """The relearning attacks on one method's final model of one seed; recovery is measured against the plain
+    model of the same seed."""
+    setup = UnlearnSetup(config, out, seed, device)
     r = config.unlearn.relearn
-    cached(out / "relearn" / f"{method}.json", lambda: run_relearning(
-        pretrain_config(config), setup.forget, out / read_json(method_dir(out, method) / "result.json")["model"],
-        METHODS[method].reference_model(setup), out / "relearn" / method, r.sizes, r.seeds, r.steps, r.lr,
-        r.batch_size, r.recover, CellProgress(on_progress)))
+    cached(relearn_path(out, method, seed), lambda: run_relearning(
+        pretrain_config(config), setup.forget, setup.model_of(method), setup.load(setup.plain_model()),
+        relearn_path(out, method, seed).with_suffix(""), r.sizes, r.seeds, r.steps, r.lr, r.batch_size, r.recover,
+        CellProgress(on_progress)))
 
 
 def digits_cell(config: UnlearnConfig, out: Path, device: str = "cpu", on_progress=None) -> None:
     run_digits_split(config.unlearn.digits, out / "digits", config.seeds[0], CellProgress(on_progress))
 
 
+def planned_runs(config: UnlearnConfig) -> list[tuple[str, int, float]]:
+    """(method, seed, unlabelled share) of every training: the main runs (share 0, plain included), then the
+    sweep (filter with no labels at all is the plain model, so it is not rerun)."""
+    u = config.unlearn
+    runs = [(m, s, 0.0) for m in ["plain", *u.methods] for s in config.seeds]
+    return runs + [(m, s, share) for share in sorted(u.unlabelled) for m in u.methods for s in config.seeds
+                   if not (m == "filter" and share == 1)]
+
+
 def run(config: UnlearnConfig, out: Path, runtime: Runtime) -> dict:
-    """Three waves of cells on the kit's executor (see the module docstring), then the summary."""
+    """Waves of cells on the kit's executor (see the module docstring), then the summary."""
     started = time.perf_counter()
     u = config.unlearn
-    names = ["plain", *u.methods]
-    cell = lambda label, method, directory, labelled=1.0: Cell(
-        label, method_cell, METHODS[method].steps(config),
-        dict(config=config, out=out, method=method, directory=directory, labelled=labelled, device=runtime.device))
-    first = [cell(m, m, method_dir(out, m)) for m in names if not METHODS[m].from_plain]
-    sweep = [(share, m) for share in sorted(u.unlabelled) for m in u.methods if METHODS[m].partial_labels
-             and not (m == "filter" and share == 1)]  # filter with no labels at all is the plain model
-    first += [cell(f"{m} unlabelled {share:g}", m, partial_dir(out, share) / m, 1.0 - share) for share, m in sweep]
-    if u.digits.enabled:
-        first.append(Cell("digits split", digits_cell, 2 * (u.digits.steps + 2 * u.digits.certificate_steps),
-                          dict(config=config, out=out, device=runtime.device)))
-    failures = execute(first, config, runtime)
-    if "plain" in failures:
-        raise_failures({"failed": failures})
-    failures |= execute([cell(m, m, method_dir(out, m)) for m in names if METHODS[m].from_plain], config, runtime)
-    trained = [m for m in names if (method_dir(out, m) / "result.json").exists()]
+    failures: dict[str, str] = {}
+    for wave in (0, 1, 2):
+        cells = [Cell(f"{m} seed {s}" + (f" unlabelled {share:g}" if share else ""), method_cell,
+                      METHODS[m].steps(config), dict(config=config, out=out, method=m, seed=s, unlabelled=share,
+                                                     device=runtime.device))
+                 for m, s, share in planned_runs(config) if METHODS[m].wave == wave]
+        if wave == 0 and u.digits.enabled:
+            cells.append(Cell("digits split", digits_cell, 2 * (u.digits.steps + 2 * u.digits.certificate_steps),
+                              dict(config=config, out=out, device=runtime.device)))
+        failures |= execute(cells, config, runtime)
+        if any(label.startswith("plain ") for label in failures):
+            raise_failures({"failed": failures})
     r = u.relearn
-    failures |= execute([Cell(f"relearn {m}", relearn_cell, len(r.sizes) * len(r.seeds) * r.steps,
-                              dict(config=config, out=out, method=m, device=runtime.device)) for m in trained],
-                        config, runtime)
+    failures |= execute([Cell(f"relearn {m} seed {s}", relearn_cell, len(r.sizes) * len(r.seeds) * r.steps,
+                              dict(config=config, out=out, method=m, seed=s, device=runtime.device))
+                         for m in ["plain", *u.methods] for s in config.seeds
+                         if (method_dir(out, m, s) / "result.json").exists()], config, runtime)
     if failures:  # every figure is compared with plain and with each other: report, never summarise a subset
         raise_failures({"failed": failures})
-    results = {m: read_json(method_dir(out, m) / "result.json") for m in names}
-    attacks = {m: read_json(out / "relearn" / f"{m}.json") for m in names}
-    partial = partial_sweep(config, out, results) if sweep else None
+    return summarize(config, out, time.perf_counter() - started)
+
+
+# ---- summary ---------------------------------------------------------------------------------------
+
+SIDES = (("forget", "loss"), ("forget", "accuracy"), ("retain", "loss"), ("retain", "accuracy"))
+
+
+def over_seeds(measurements: list[dict]) -> dict:
+    """{side: {key: t-interval over seeds}} of stage measurements (one per seed)."""
+    return {side: {key: t_interval([m[side][key] for m in measurements]) for s, key in SIDES if s == side}
+            for side in ("forget", "retain")}
+
+
+def method_summary(results: dict, method: str, seeds: list[int]) -> dict:
+    """Per stage: intervals over seeds; the final figures paired by seed against plain and filter."""
+    per_seed = [results[method][s] for s in seeds]
+    stages = {stage: over_seeds([r["stages"][stage] for r in per_seed]) for stage in per_seed[0]["stages"]}
+    final = lambda m, s, side, key: results[m][s]["stages"]["final"][side][key]
+    paired = {f"vs_{base}": {f"{side}_{key}": paired_difference([(final(method, s, side, key), final(base, s, side, key))
+                                                                   for s in seeds]) for side, key in SIDES}
+              for base in ("plain", "filter") if base in results}
+    extras = {k: [r[k] for r in per_seed] for k in ("selection", "steering_norm", "reserved_dimensions") if k in per_seed[0]}
+    return {"stages": stages, **paired, **extras,
+            "per_seed": {str(s): {stage: {side: {key: m[side][key] for _, key in SIDES[:2]} for side in ("forget", "retain")}
+                                  | {"tasks": m["tasks"]} for stage, m in r["stages"].items()} for s, r in zip(seeds, per_seed)}}
+
+
+def attack_summary(attacks: dict[int, dict], budget: int) -> dict:
+    """Per attack size, over model seeds (each the mean over its attack seeds): forget loss and accuracy at
+    the end of the attack, its minimum loss, and the steps to the plain model's forget accuracy (None:
+    censored at `budget`; `restricted_mean_steps` counts a censored run as `budget`, a lower bound)."""
+    sizes = next(iter(attacks.values()))["sizes"]
+    by_size = {}
+    for n in map(str, sizes):
+        runs = {seed: attack["by_size"][n]["per_seed"] for seed, attack in attacks.items()}
+        seed_mean = lambda value: [float(np.mean([value(run) for run in rs])) for rs in runs.values()]
+        steps = [run["steps_to_recover"] for rs in runs.values() for run in rs]
+        recovered = sorted(s for s in steps if s is not None)
+        by_size[n] = {
+            "loss_after": t_interval(seed_mean(lambda run: run["curve"]["loss"][-1])),
+            "accuracy_after": t_interval(seed_mean(lambda run: run["curve"]["accuracy"][-1])),
+            "min_loss": t_interval(seed_mean(lambda run: run["min_loss"])),
+            "steps_to_recover": steps, "recovered": len(recovered), "runs": len(steps), "censored_at": budget,
+            "median_steps": float(np.median([budget + 1 if s is None else s for s in steps]))
+            if len(recovered) * 2 > len(steps) else None,
+            "restricted_mean_steps": t_interval(seed_mean(lambda run: budget if run["steps_to_recover"] is None
+                                                          else run["steps_to_recover"])),
+            "curves": {str(seed): [run["curve"] for run in rs] for seed, rs in runs.items()}}
+    return {"sizes": sizes, "by_size": by_size}
+
+
+def sweep_summary(config: UnlearnConfig, out: Path, results: dict) -> dict:
+    """Final forget and retain figures per method and unlabelled share (share 0: the main runs; filter at
+    share 1 is the plain model), intervals over seeds."""
+    shares = [0.0, *sorted(config.unlearn.unlabelled)]
+    final = lambda m, s, share: (results[m][s] if share == 0 else results["plain"][s] if m == "filter" and share == 1
+                                 else read_json(method_dir(out, m, s, share) / "result.json"))["stages"]["final"]
+    return {"unlabelled": shares, "methods": {m: [over_seeds([final(m, s, share) for s in config.seeds]) for share in shares]
+                                              for m in config.unlearn.methods}}
+
+
+def summarize(config: UnlearnConfig, out: Path, wall: float) -> dict:
+    """Per method: forget/retain per stage, paired differences, relearning, compute; the sweep; digits."""
+    names, seeds, u = ["plain", *config.unlearn.methods], config.seeds, config.unlearn
+    results = {m: {s: read_json(method_dir(out, m, s) / "result.json") for s in seeds} for m in names}
+    attacks = {m: {s: read_json(relearn_path(out, m, s)) for s in seeds} for m in names}
+    methods = {m: method_summary(results, m, seeds) for m in names}
+    relearn = {m: attack_summary(attacks[m], u.relearn.steps) for m in names}
+    largest = str(max(u.relearn.sizes))
+    tradeoff = {m: {"retain_loss": methods[m]["stages"]["final"]["retain"]["loss"],
+                    "forget_loss": methods[m]["stages"]["final"]["forget"]["loss"],
+                    "forget_loss_after_attack": relearn[m]["by_size"][largest]["loss_after"]} for m in names}
+    seconds = {str(p.parent.relative_to(out)): read_json(p)["seconds"] for p in sorted(out.glob("**/result.json"))}
+    seconds |= {str(p.relative_to(out)): read_json(p)["seconds"] for p in sorted(out.glob("relearn/*/seed*.json"))}
     digits = read_json(out / "digits" / "digits.json") if u.digits.enabled else None
-    return summarize(config, out, results, attacks, partial, digits, time.perf_counter() - started)
+    if digits is not None:
+        seconds["digits"] = digits["seconds"]
+    training = {m: t_interval([results[m][s]["seconds"] + (results[u.undo.base][s]["seconds"] if m == "undo" else 0)
+                               for s in seeds]) for m in names}
+    return {"name": config.name, "forget": list(u.forget), "retain": retain_tasks(config), "seeds": list(seeds),
+            "methods": methods, "relearn": relearn,
+            "relearn_setup": {"sizes": u.relearn.sizes, "attack_seeds": u.relearn.seeds, "budget": u.relearn.steps,
+                              "tradeoff_size": int(largest)},
+            "tradeoff": tradeoff, "partial": sweep_summary(config, out, results) if u.unlabelled else None,
+            "digits": digits,
+            "compute": {"training_seconds": training,  # undo: its base's training included
+                        "cpu_minutes": sum(seconds.values()) / 60 * (config.train.threads or 1),
+                        "stages": seconds, "wall_this_invocation": wall}}
 
 
-def partial_sweep(config: UnlearnConfig, out: Path, results: dict) -> dict:
-    """Each partial-label method's final figures per unlabelled share (share 0: the main run; filter at
-    share 1 is the plain model)."""
-    methods = [m for m in config.unlearn.methods if METHODS[m].partial_labels]
-    sweep = {"unlabelled": [0.0, *sorted(config.unlearn.unlabelled)]}
-    for m in methods:
-        sweep[m] = [results[m]["stages"]["final"]] + [
-            (results["plain"] if m == "filter" and share == 1 else read_json(partial_dir(out, share) / m / "result.json"))
-            ["stages"]["final"] for share in sorted(config.unlearn.unlabelled)]
-    return sweep
+def interval_text(interval: dict, digits: int = 2) -> str:
+    if interval["low"] is None:
+        return f"{interval['mean']:.{digits}f}"
+    return f"{interval['mean']:.{digits}f} [{interval['low']:.{digits}f}, {interval['high']:.{digits}f}]"
 
 
 def headline(summary: dict) -> list:
-    lines = []
+    lines = [f"over seeds {summary['seeds']} (mean [95% t-interval]); attack: n = {summary['relearn_setup']['tradeoff_size']}, "
+             f"{summary['relearn_setup']['budget']} steps"]
     for method, stats in summary["methods"].items():
-        final, tax = stats["stages"]["final"], stats["alignment_tax"]["vs_plain"]
-        lines.append(f"{method:>16}: forget loss {final['forget']['loss']:.3f} acc {final['forget']['accuracy']:.3f}, "
-                     f"retain loss {final['retain']['loss']:.3f} acc {final['retain']['accuracy']:.3f}"
-                     + (f", retain loss vs plain {tax:+.3f}" if tax is not None and method != "plain" else ""))
+        final = stats["stages"]["final"]
+        attack = summary["relearn"][method]["by_size"][str(summary["relearn_setup"]["tradeoff_size"])]
+        tax = stats.get("vs_plain", {}).get("retain_loss", {})
+        lines.append(f"{method:>16}: forget loss {interval_text(final['forget']['loss'])}, retain loss "
+                     f"{interval_text(final['retain']['loss'])}"
+                     + (f" (vs plain {tax['diff']:+.3f} [{tax['low']:+.3f}, {tax['high']:+.3f}])"
+                        if method != "plain" and tax.get("low") is not None else "")
+                     + f"; after attack: forget loss {interval_text(attack['loss_after'])}, recovered "
+                       f"{attack['recovered']}/{attack['runs']}")
     return lines
-
-
-def summarize(config: UnlearnConfig, out: Path, results: dict, attacks: dict, partial: Optional[dict],
-              digits: Optional[dict], wall: float) -> dict:
-    """Per method: forget/retain figures per stage, alignment tax; relearning; sweep; digits; seconds."""
-    final = {m: r["stages"]["final"] for m, r in results.items()}
-    tax = lambda m, base: final[m]["retain"]["loss"] - final[base]["retain"]["loss"] if base in final else None
-    methods = {m: {"stages": r["stages"], "alignment_tax": {"vs_plain": tax(m, "plain"), "vs_filter": tax(m, "filter")},
-                   **{k: r[k] for k in ("selection", "steering_norm", "expansion") if k in r}}
-               for m, r in results.items()}
-    for attack in attacks.values():  # the plain model's accuracy: a recovery target shared by every method
-        common = steps_to_common_target(attack, attacks["plain"]["reference"], config.unlearn.relearn.recover)
-        for n, steps in common.items():
-            attack["by_size"][n]["steps_to_plain_accuracy"] = steps
-    seconds = {f"methods/{m}": r["seconds"] for m, r in results.items()}
-    seconds.update({f"relearn/{m}": a["seconds"] for m, a in attacks.items()})
-    for path in sorted(out.glob("partial/u*/*/result.json")):
-        seconds[str(path.parent.relative_to(out))] = read_json(path)["seconds"]
-    if digits is not None:
-        seconds["digits"] = digits["seconds"]
-    return {"name": config.name, "forget": list(config.unlearn.forget), "retain": retain_tasks(config),
-            "seed": config.seeds[0], "methods": methods, "relearn": attacks, "partial": partial, "digits": digits,
-            "seconds": {"stages": seconds, "wall_this_invocation": wall}}
 
 
 PROTOCOL = Protocol("unlearn", UnlearnConfig, check_unlearn_config, run, headline, unlearn_report, "an unlearn run")

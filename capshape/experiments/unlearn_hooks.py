@@ -6,6 +6,7 @@ Route ids RETAIN and FORGET come from `capshape.routing.era` (ERA's own hooks li
     GradientAscentLosses    ascent on forget examples (capped), descent on retain ones
     RMU                     representation misdirection (Li et al. 2024, WMDP)
     KeepBest                keeps the state with the lowest held-out retain loss (coherence fine-tuning)
+    mix_with                UNDO's noising: the weights moved toward a fresh initialisation
 """
 from __future__ import annotations
 
@@ -114,3 +115,12 @@ class KeepBest:
         self._consider(model, steps)
         model.load_state_dict(self.best_state)
         return {"best_step": self.best_step, "best_retain_loss": self.best_loss, "history": self.history}
+
+
+def mix_with(model, other, alpha: float):
+    """θ ← (1−α)·θ + α·θ_other, in place (`other` of the same architecture, e.g. a fresh initialisation:
+    UNDO's partially noised copy); returns `model`."""
+    with torch.no_grad():
+        for param, noise in zip(model.parameters(), other.parameters(), strict=True):
+            param.mul_(1 - alpha).add_(noise, alpha=alpha)
+    return model

@@ -1,6 +1,7 @@
 """A small decoder-only transformer (pre-LayerNorm, learned positions), readable top to bottom.
 
-Named sites per block i: `blocks.i.attn_out`, `blocks.i.mlp.hidden` (post-GELU), `blocks.i.mlp_out`,
+Named sites per block i: `blocks.i.attn.z` (head outputs, concatenated, before the output projection),
+`blocks.i.attn_out`, `blocks.i.mlp.hidden` (post-GELU), `blocks.i.mlp_out`,
 `blocks.i.resid_post`; plus `embed` (token + position embedding).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.z = Site()
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -26,7 +28,7 @@ class Attention(nn.Module):
         # [B, T, C] -> [B, n_head, T, C // n_head]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(self.z(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):

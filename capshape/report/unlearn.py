@@ -1,6 +1,7 @@
 """The report of an unlearning comparison (`capshape unlearn`), from its summary.json alone: forget and
-retain loss/accuracy per method and stage, the alignment tax, relearning curves for every method on one
-plot per attack size, the partial-label sweep and the digits certificates."""
+retain figures per method and stage with intervals over seeds, paired differences against plain and
+filter, the retain/forget trade-off after the relearning attack, robustness curves over attack sizes,
+relearning curves, the label-noise sweep and the digits certificates."""
 from __future__ import annotations
 
 import json
@@ -8,87 +9,118 @@ from html import escape
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 
 from capshape.report.html import image, number, page, section
 from capshape.report.plots import Series, grid_figure, png_bytes
 
-STAGE_LABELS = {"before": "before unlearning", "trained": "before unlearning", "ablated": "ablated", "final": "final"}
 SIDES = {"forget loss": ("forget", "loss"), "forget accuracy": ("forget", "accuracy"),
          "retain loss": ("retain", "loss"), "retain accuracy": ("retain", "accuracy")}
+STAGE_LABELS = {"trained": "before removal", "ablated": "ablated", "unlearned": "base method (teacher)", "final": "final"}
 
 
-def color(methods: list[str], method: str) -> str:
-    return f"C{methods.index(method) % 10}"
+def color(summary: dict, method: str) -> str:
+    return f"C{list(summary['methods']).index(method) % 10}"
 
 
-def stages_of(summary: dict, method: str) -> dict[str, dict]:
-    """A method's measured stages, with the plain model as 'before' for the post-hoc methods."""
-    stages = dict(summary["methods"][method]["stages"])
-    if method in ("gradient_ascent", "rmu") and "plain" in summary["methods"]:
-        stages = {"before": summary["methods"]["plain"]["stages"]["final"], **stages}
-    return stages
+def interval(stat: dict) -> str:
+    """mean [low, high], or the mean alone with one seed."""
+    if stat is None or stat.get("mean", stat.get("diff")) is None:
+        return "—"
+    mean = stat.get("mean", stat.get("diff"))
+    return number(mean) if stat["low"] is None else f"{number(mean)} [{number(stat['low'])}, {number(stat['high'])}]"
+
+
+def error_bar(ax, x: float, y: float, stat: dict, **style) -> None:
+    """A point at (x, y) with its interval as a vertical bar (none with one seed)."""
+    err = None if stat["low"] is None else [[stat["mean"] - stat["low"]], [stat["high"] - stat["mean"]]]
+    ax.errorbar([x], [y], yerr=err, capsize=3, **style)
 
 
 def bars_figure(summary: dict):
-    """Forget and retain loss/accuracy per method; lighter bars are the stages before the final one."""
+    """Final forget and retain loss/accuracy per method, mean over seeds with 95 % intervals."""
     methods = list(summary["methods"])
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), layout="constrained")
     for ax, (title, (side, key)) in zip(axes.flat, SIDES.items()):
         for index, method in enumerate(methods):
-            stages = stages_of(summary, method)
-            width = 0.8 / len(stages)
-            for k, (stage, measured) in enumerate(stages.items()):
-                alpha = 1.0 if stage == "final" else 0.35 + 0.25 * k
-                x = index - 0.4 + width * (k + 0.5)
-                bar = ax.bar(x, measured[side][key], width * 0.95, color=color(methods, method), alpha=alpha,
-                             hatch=None if stage == "final" else "//")
-                ax.bar_label(bar, fmt="%.2f", fontsize=6)
-        ax.set_xticks(range(len(methods)), methods, fontsize=8)
+            stat = summary["methods"][method]["stages"]["final"][side][key]
+            ax.bar(index, stat["mean"], 0.7, color=color(summary, method), alpha=0.8)
+            error_bar(ax, index, stat["mean"], stat, color="black", fmt="none")
+        ax.set_xticks(range(len(methods)), methods, fontsize=8, rotation=20)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.margins(y=0.12)
-    fig.suptitle("hatched: before unlearning (ERA: routed model, then ablated); solid: final", fontsize=9)
+    fig.suptitle(f"final models, mean over seeds {summary['seeds']} with 95 % t-intervals", fontsize=9)
     return fig
 
 
-def tax_figure(summary: dict):
-    methods = [m for m in summary["methods"] if m != "plain"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
-    for ax, (title, key) in zip(axes, (("retain loss − plain's", "vs_plain"), ("retain loss − filter's", "vs_filter"))):
-        for index, method in enumerate(methods):
-            value = summary["methods"][method]["alignment_tax"][key]
-            if value is not None:
-                ax.bar_label(ax.bar(index, value, color=color(list(summary["methods"]), method)), fmt="%+.3f", fontsize=8)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(methods)), methods, fontsize=8)
-        ax.set_title(f"alignment tax: {title}", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        ax.margins(y=0.15)
+def tradeoff_figure(summary: dict):
+    """Retain loss against forget loss before (hollow) and after (filled) the relearning attack."""
+    n = summary["relearn_setup"]["tradeoff_size"]
+    fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
+    for method, point in summary["tradeoff"].items():
+        retain, before, after = point["retain_loss"], point["forget_loss"], point["forget_loss_after_attack"]
+        c = color(summary, method)
+        ax.annotate("", (after["mean"], retain["mean"]), (before["mean"], retain["mean"]),
+                    arrowprops=dict(arrowstyle="->", color=c, alpha=0.5))
+        ax.plot([before["mean"]], [retain["mean"]], "o", mfc="none", color=c)
+        error_bar(ax, after["mean"], retain["mean"], retain, color=c, fmt="o", label=method)
+        if after["low"] is not None:
+            ax.plot([after["low"], after["high"]], [retain["mean"]] * 2, color=c, linewidth=1)
+    ax.set_xlabel(f"forget held-out loss (hollow: after unlearning; filled: after relearning on n = {n}, "
+                  f"{summary['relearn_setup']['budget']} steps)", fontsize=8)
+    ax.set_ylabel("retain held-out loss after unlearning")
+    ax.set_title("better: right (forget stays lost) and low (retain kept); bars: 95 % intervals over seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def robustness_figure(summary: dict):
+    """Forget loss and accuracy at the end of the attack, and restricted-mean steps to recover, per size."""
+    sizes = summary["relearn_setup"]["sizes"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
+    panels = (("loss_after", "forget loss after attack"), ("accuracy_after", "forget accuracy after attack"),
+              ("restricted_mean_steps", f"steps to plain's forget accuracy (≥; censored at {summary['relearn_setup']['budget']})"))
+    for ax, (key, title) in zip(axes, panels):
+        for k, (method, attack) in enumerate(summary["relearn"].items()):
+            stats = [attack["by_size"][str(n)][key] for n in sizes]
+            x = [n * (1 + 0.03 * (k - len(summary["relearn"]) / 2)) for n in sizes]  # spread overlapping bars
+            err = None if stats[0]["low"] is None else [[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]]
+            ax.errorbar(x, [s["mean"] for s in stats], yerr=err, marker="o", capsize=2, color=color(summary, method), label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.set_xlabel("forget examples in the attack (per forget task)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     return fig
 
 
 def relearning_figure(summary: dict, key: str):
-    """One panel per attack size, one line per method (mean over seeds, band min-max)."""
-    methods = list(summary["relearn"])
-    sizes = next(iter(summary["relearn"].values()))["sizes"]
+    """One panel per attack size, one line per method (mean over model seeds, band min-max)."""
     panels = {}
-    for n in sizes:
+    for n in summary["relearn_setup"]["sizes"]:
         panels[f"relearning on n = {n} forget examples"] = [
-            Series(method, [dict(zip(run["curve"]["steps"], run["curve"][key]))
-                            for run in summary["relearn"][method]["by_size"][str(n)]["per_seed"]],
-                   color(list(summary["methods"]), method))
-            for method in methods]
+            Series(method, [dict(zip(curve["steps"], curve[key])) for curves in attack["by_size"][str(n)]["curves"].values()
+                            for curve in curves], color(summary, method))
+            for method, attack in summary["relearn"].items()]
     return grid_figure(panels, f"forget held-out {key}", xlabel="relearning step")
 
 
 def partial_figure(summary: dict):
     sweep = summary["partial"]
-    panels = {}
-    for title, (side, key) in SIDES.items():
-        panels[title] = [Series(method, [dict(zip(sweep["unlabelled"], [m[side][key] for m in sweep[method]]))],
-                                color(list(summary["methods"]), method)) for method in swept(sweep)]
-    return grid_figure(panels, "value", sharey=False, xlabel="share of forget examples unlabelled")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
+    for ax, title in zip(axes, ("forget loss", "forget accuracy", "retain loss")):
+        side, key = SIDES[title]
+        for method, per_share in sweep["methods"].items():
+            stats = [m[side][key] for m in per_share]
+            err = None if stats[0]["low"] is None else [[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]]
+            ax.errorbar(sweep["unlabelled"], [s["mean"] for s in stats], yerr=err, marker="o", capsize=2,
+                        color=color(summary, method), label=method)
+        ax.set_xlabel("share of forget examples unlabelled")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return fig
 
 
 def digits_figure(digits: dict):
@@ -112,11 +144,12 @@ def digits_figure(digits: dict):
 
 
 def render_unlearn_plots(summary: dict) -> dict[str, bytes]:
-    figure_functions = {"forget_retain": lambda: bars_figure(summary), "alignment_tax": lambda: tax_figure(summary),
-              "relearning_loss": lambda: relearning_figure(summary, "loss"),
-              "relearning_accuracy": lambda: relearning_figure(summary, "accuracy")}
+    figure_functions = {"tradeoff": lambda: tradeoff_figure(summary), "forget_retain": lambda: bars_figure(summary),
+                        "robustness": lambda: robustness_figure(summary),
+                        "relearning_loss": lambda: relearning_figure(summary, "loss"),
+                        "relearning_accuracy": lambda: relearning_figure(summary, "accuracy")}
     if summary.get("partial"):
-        figure_functions["partial_labels"] = lambda: partial_figure(summary)
+        figure_functions["label_noise"] = lambda: partial_figure(summary)
     if summary.get("digits"):
         figure_functions["digits_certificates"] = lambda: digits_figure(summary["digits"])
     return {name: png_bytes(make()) for name, make in figure_functions.items()}
@@ -131,38 +164,38 @@ def table(headings: list[str], rows: list[list[str]]) -> str:
 def methods_table(summary: dict) -> str:
     rows = []
     for method, stats in summary["methods"].items():
-        for stage, measured in stages_of(summary, method).items():
-            tax = stats["alignment_tax"] if stage == "final" else {}
+        for stage, measured in stats["stages"].items():
+            paired = lambda base: interval(stats.get(f"vs_{base}", {}).get("retain_loss")) if stage == "final" else ""
             rows.append([escape(method), STAGE_LABELS.get(stage, stage)]
-                        + [number(measured[side][key]) for side, key in SIDES.values()]
-                        + [number(tax.get("vs_plain")), number(tax.get("vs_filter"))])
-    return table(["method", "stage", *SIDES, "tax vs plain", "tax vs filter"], rows)
+                        + [interval(measured[side][key]) for side, key in SIDES.values()] + [paired("plain"), paired("filter")])
+    return table(["method", "stage", *SIDES, "retain loss − plain's (paired)", "− filter's (paired)"], rows)
 
 
 def relearn_table(summary: dict) -> str:
     rows = []
     for method, attack in summary["relearn"].items():
         for n, stats in attack["by_size"].items():
-            targets = [run["target_accuracy"] for run in stats["per_seed"]]
-            listed = lambda steps: ", ".join("—" if s is None else str(s) for s in steps)
-            rows.append([escape(method), n, number(stats["min_loss"]), number(stats["final_accuracy"]),
-                         number(float(np.mean(targets))), listed(stats["steps_to_recover"]),
-                         listed(stats.get("steps_to_plain_accuracy", []))])
-    return table(["method", "n", "min forget loss", "final forget acc", "target acc (pre-unlearning)",
-                  "steps to target, per seed", "steps to plain's acc, per seed"], rows)
+            median = stats["median_steps"]
+            rows.append([escape(method), n, interval(stats["loss_after"]), interval(stats["min_loss"]),
+                         interval(stats["accuracy_after"]), f"{stats['recovered']}/{stats['runs']}",
+                         "> budget" if median is None else number(median), interval(stats["restricted_mean_steps"])])
+    return table(["method", "n", "forget loss after", "min forget loss", "forget acc after", "recovered",
+                  "median steps to recover", "restricted mean steps (≥)"], rows)
 
 
-def swept(sweep: dict) -> list[str]:
-    """The methods of the partial-label sweep (every key but the shares)."""
-    return [m for m in sweep if m != "unlabelled"]
+def partial_table(summary: dict) -> str:
+    sweep = summary["partial"]
+    rows = [[escape(method), number(share), interval(m["forget"]["loss"]), interval(m["forget"]["accuracy"]),
+             interval(m["retain"]["loss"])]
+            for method, per_share in sweep["methods"].items() for share, m in zip(sweep["unlabelled"], per_share)]
+    return table(["method", "unlabelled", "forget loss", "forget acc", "retain loss"], rows)
 
 
-def partial_table(sweep: dict) -> str:
-    rows = [[number(u)] + [number(sweep[m][i][side][key]) for m in swept(sweep) for side, key in
-                           (("forget", "loss"), ("forget", "accuracy"), ("retain", "loss"))]
-            for i, u in enumerate(sweep["unlabelled"])]
-    heads = [f"{m} {h}" for m in swept(sweep) for h in ("forget loss", "forget acc", "retain loss")]
-    return table(["unlabelled", *heads], rows)
+def compute_table(summary: dict) -> str:
+    training = summary["compute"]["training_seconds"]
+    plain = training["plain"]["mean"]
+    rows = [[escape(m), interval(t), number(t["mean"] / plain)] for m, t in training.items()]
+    return table(["method", "seconds per seed (undo: with its base)", "× plain"], rows)
 
 
 def digits_table(digits: dict) -> str:
@@ -172,41 +205,48 @@ def digits_table(digits: dict) -> str:
 
 
 def render_unlearn_page(summary: dict, images: dict[str, bytes], path: Path, config: dict) -> str:
+    setup = summary["relearn_setup"]
     facts = {"directory": str(path), "forget": ", ".join(summary["forget"]), "retain": ", ".join(summary["retain"]),
-             "methods": ", ".join(summary["methods"]), "seed": str(summary["seed"])}
+             "methods": ", ".join(summary["methods"]), "seeds": ", ".join(map(str, summary["seeds"])),
+             "CPU-minutes": f"{summary['compute']['cpu_minutes']:.1f}"}
     parts = [f"<h1>{escape(summary['name'])}: unlearning</h1><dl>"
              + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts.items()) + "</dl>"
              + f"<details><summary>config</summary><pre>{escape(json.dumps(config, indent=2))}</pre></details>",
+             section("Trade-off: retain kept vs forget removed, after the attack",
+                     "<p>Every method's final model: held-out retain loss against forget loss, before (hollow) and "
+                     f"after (filled) fine-tuning on n = {setup['tradeoff_size']} forget examples per task for "
+                     f"{setup['budget']} steps. Means over seeds with 95 % t-intervals.</p>",
+                     image(images, "tradeoff", "trade-off")),
              section("Forget and retain after unlearning",
                      "<p>Held-out loss (nats per target token) and exact-match accuracy, mean over the forget and over "
-                     "the retain tasks. plain: trained on everything; filter: never trained on the forget tasks (gold "
-                     "standard); era: expanded MLPs trained with gradient routing, added units ablated, coherence "
-                     "fine-tune; gradient_ascent and rmu start from plain.</p>",
-                     image(images, "forget_retain", "forget and retain"), methods_table(summary)),
-             section("Alignment tax", "<p>Final held-out retain loss minus that of the plain model and of the "
-                     "data-filtered model.</p>", image(images, "alignment_tax", "alignment tax")),
-             section("Relearning attack",
-                     "<p>Each final model fine-tuned on n forget examples (per forget task) at a constant learning "
-                     "rate, forget held-out set evaluated at every step; lines are the mean over seeds, bands min-max. "
-                     "Steps to target: first step whose forget accuracy reaches the pre-unlearning model's (plain; "
-                     "ERA: its routed model before ablation, a lower bar) on the same held-out set; steps to plain's "
-                     "acc: the same with the plain model's accuracy as a target shared by every method; — = not "
-                     "within the budget.</p>",
+                     "the retain tasks, mean over seeds [95 % t-interval]. Differences with plain and filter are paired "
+                     "by seed. plain: trained on everything; filter: never trained on the forget tasks; era: expanded "
+                     "MLPs, gradient routing, ablation, coherence fine-tune; sgtm: reserved units and heads, zeroed; "
+                     "moe: forget expert dropped; gradient_ascent, rmu: from plain; undo: distilled from its base into "
+                     "a noised copy.</p>", image(images, "forget_retain", "forget and retain"), methods_table(summary)),
+             section("Robustness: the relearning attack",
+                     "<p>Each final model fine-tuned on n forget examples (per forget task) at a constant learning rate, "
+                     "forget held-out set evaluated at every step. Recovered: the forget accuracy reached the plain "
+                     f"model's (same seed, same held-out set) within {setup['budget']} steps; a run that did not is "
+                     "censored, so the restricted mean (censored runs counted at the budget) is a lower bound.</p>",
+                     image(images, "robustness", "robustness"), relearn_table(summary),
                      image(images, "relearning_loss", "relearning loss"),
-                     image(images, "relearning_accuracy", "relearning accuracy"), relearn_table(summary))]
+                     image(images, "relearning_accuracy", "relearning accuracy"))]
     if summary.get("partial"):
-        parts.append(section("Partial labels",
-                             "<p>A share of the forget examples carries no label and is trained as retain (era: not "
-                             "routed; filter: not filtered). Share 1 of filter is the plain model.</p>",
-                             image(images, "partial_labels", "partial labels"), partial_table(summary["partial"])))
+        parts.append(section("Label noise",
+                             "<p>A share of the forget examples carries no label and is trained as retain (not routed, "
+                             "not filtered, not ascended). Share 1 of filter is the plain model.</p>",
+                             image(images, "label_noise", "label noise"), partial_table(summary)))
     if summary.get("digits"):
         parts.append(section("Digits: split autoencoder certificates",
                              "<p>scikit-learn's 8×8 digits. Gradient routing sends digits 0–4 into the first half of "
                              "the encoding and 5–9 into the second; a fresh decoder trained on each frozen half alone "
                              "(a certificate) should reconstruct its own digits well and the others badly. The control "
-                             "autoencoder is trained without routing.</p>",
+                             "autoencoder is trained without routing. One seed.</p>",
                              image(images, "digits_certificates", "digits certificates"), digits_table(summary["digits"])))
-    parts.append(section("Time", f"<pre>{escape(json.dumps(summary['seconds'], indent=2))}</pre>"))
+    parts.append(section("Compute", compute_table(summary),
+                         f"<details><summary>seconds per stage</summary><pre>"
+                         f"{escape(json.dumps(summary['compute']['stages'], indent=2))}</pre></details>"))
     return page(f"{summary['name']} — capshape unlearn report", parts)
 
 

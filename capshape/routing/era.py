@@ -3,7 +3,7 @@ config of the expansion and its masks, the route ids of retain and forget data, 
 that send forget examples' gradients to the added units. Shared by the `unlearn` protocol (method
 era) and `overhang` (regime routed_ablated); ablation is `contract_mlp`.
 
-The hooks are an `EraStep`, with the three extension points of a training step (`losses`,
+The hooks are a `RoutedStep`, with the three extension points of a training step (`losses`,
 `around_forward`, `after_backward`) that the training loop calls, as its `StepHooks` does.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ class RoutingSection(Section):
         """Adds the routed units to `model`'s MLPs, in place."""
         return expand_mlp(model, self.blocks, self.neurons, self.init_std, torch.Generator().manual_seed(seed))
 
-    def step(self, expansion: Expansion, routes: Routes) -> "EraStep":
+    def step(self, expansion: Expansion, routes: Routes) -> "RoutedStep":
         """The step hooks that route `routes`' FORGET examples to the added units."""
         return era_step(expansion, routes, (self.forget_mask.original, self.forget_mask.expanded),
                         (self.retain_mask.original, self.retain_mask.expanded), self.positions, self.l1,
@@ -72,14 +72,14 @@ def _unchanged(model, batch) -> None:
 
 
 @dataclass
-class EraStep:
+class RoutedStep:
     losses: Callable  # (model, batch) -> per-example losses [B]
     around_forward: Callable = lambda model, batch: nullcontext()
     after_backward: Callable = _unchanged
 
 
 def era_step(expansion: Expansion, routes: Routes, forget_mask: tuple[float, float], retain_mask: tuple[float, float],
-             positions: str, l1: float, route_parameters: bool) -> EraStep:
+             positions: str, l1: float, route_parameters: bool) -> RoutedStep:
     """Masks (original, added) per route at every expanded `blocks.i.mlp.hidden`; an L1 penalty of weight
     `l1` on the added units' activations of retain examples; with `route_parameters`, forget examples
     update only the added units' parameters."""
@@ -90,6 +90,6 @@ def era_step(expansion: Expansion, routes: Routes, forget_mask: tuple[float, flo
     router = ActivationRouter(routes, masks, positions, penalty)
     losses = RoutedLosses(cross_entropy_losses, router)
     if not route_parameters:
-        return EraStep(losses=losses, around_forward=router)
+        return RoutedStep(losses=losses, around_forward=router)
     parameters = ParameterRouter(routes, {FORGET: expansion.parameter_spec()}, losses, around_forward=router)
-    return EraStep(losses=parameters.losses, after_backward=parameters.after_backward)
+    return RoutedStep(losses=parameters.losses, after_backward=parameters.after_backward)

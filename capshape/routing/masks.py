@@ -93,6 +93,35 @@ def _per_example_l1(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return weighted.mean(1) if weighted.dim() == 2 else weighted
 
 
+class ForwardMasks:
+    """The `around_forward` hook of forward masking: at each named site, an example's activation is
+    multiplied by its route's mask, so masked units are absent from both its forward and its backward pass.
+    Used for mixture-of-experts routing (each route runs through its own units) and for SGTM's retain
+    examples that run without the reserved units.
+
+    masks: {site: [n_routes, D]}: row r is route r's mask over the site's last dimension.
+    """
+
+    def __init__(self, routes: Callable[[Batch], torch.Tensor], masks: dict[str, torch.Tensor]):
+        self.routes, self.masks = routes, masks
+
+    def __call__(self, model, batch: Batch) -> ContextManager:
+        return self.fixed(model, self.routes(batch))
+
+    def fixed(self, model, route_ids) -> ContextManager:
+        """The masks of `route_ids` ([B], or one int for every example, e.g. to evaluate through one expert)."""
+        ids = torch.as_tensor(route_ids, dtype=torch.long)
+        return model.attach({site: self._site_fn(table, ids) for site, table in self.masks.items()})
+
+    @staticmethod
+    def _site_fn(table: torch.Tensor, route_ids: torch.Tensor):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            if route_ids.dim() == 0:
+                return x * table.to(x)[route_ids]
+            return x * _rows(table, route_ids.to(x.device), x)
+        return fn
+
+
 class RoutedLosses:
     """Per-example losses plus the router's L1 penalty of the same forward (a `losses` hook)."""
 

@@ -51,7 +51,7 @@ class StepHooks:
     @classmethod
     def of(cls, mechanics) -> "StepHooks":
         """The hooks an object defines (any of `losses`, `around_forward`, `after_backward`, e.g. routing's
-        EraStep or the RMU losses), the defaults for the rest."""
+        RoutedStep or the RMU losses), the defaults for the rest."""
         return cls(**{name: getattr(mechanics, name) for name in ("losses", "around_forward", "after_backward")
                       if hasattr(mechanics, name)})
 

@@ -14,6 +14,7 @@ from capshape.config import build_config
 from capshape.errors import CapshapeError
 from capshape.experiments import relearn as relearn_module
 from capshape.experiments import run
+from capshape.experiments.moe_icl import MIXTURE, MoEICLSection, experts, icl_config
 from capshape.experiments.unlearn import UnlearnConfig, check_unlearn_config
 from capshape.experiments.unlearn_hooks import RMU, GradientAscentLosses, KeepBest, mix_with
 from capshape.routing.era import era_step
@@ -22,7 +23,7 @@ from capshape.routing.sgtm import RETAIN_WITHOUT_RESERVED, SGTMRoutes, SGTMSecti
 from capshape.models import build_model
 from capshape.experiments import build_report
 from capshape.routing import (ActivationRouter, ForwardMasks, ParameterRouter, RoutedLosses, Routes, contract_mlp, example_hash,
-                              expand_mlp, route)
+                              expand_mlp, expand_units, route)
 from capshape.tasks import TOKEN_INPUTS, Batch
 from capshape.tasks.tokenizer import IGNORE
 from capshape.objectives import build_objective
@@ -325,6 +326,24 @@ def test_moe_routes_each_example_through_its_own_expert_and_dropping_keeps_retai
     assert torch.allclose(model(batch.inputs)[~forget], retain_routed, atol=1e-6)
 
 
+def test_icl_experts_route_by_label_parity_and_the_mixture_averages_them():
+    config = icl_config(MoEICLSection(n_classes=16, train_examples=64, eval_examples=16, steps=2))
+    suite = prepare_data(config, 0).suite
+    torch.manual_seed(0)
+    model = build_model(config.model, suite.input_spec)
+    masks = experts(model, expand_units(model.readout, 256, std=0.1))
+    with torch.no_grad():
+        model.readout.down.weight[:, 256:].normal_(std=0.1)
+    inputs = suite.data[0].held_out.inputs[:8]
+    outputs = []
+    for route in (0, 1, MIXTURE):
+        with masks.fixed(model, route):
+            outputs.append(model(inputs))
+    assert torch.allclose(outputs[2], (outputs[0] + outputs[1]) / 2, atol=1e-5)
+    batch = Batch(inputs, torch.arange(8), torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long))
+    assert masks.routes(batch).tolist() == [0, 1] * 4
+
+
 def test_mix_with_interpolates_toward_the_other_weights(tiny_config):
     a, b = tiny_model(tiny_config, seed=0), tiny_model(tiny_config, seed=1)
     originals = [p.clone() for p in a.parameters()]
@@ -418,7 +437,9 @@ TINY = {
                 "era": {"neurons": 4, "select_every": 1}, "sgtm": {"mlp_units": 8}, "moe": {"expert_units": 8},
                 "undo": {"steps": 3},
                 "relearn": {"sizes": [1, 2], "seeds": [0], "steps": 2, "batch_size": 4},
-                "digits": {"steps": 3, "certificate_steps": 3, "hidden": 8, "latent": 4, "batch_size": 20}},
+                "digits": {"steps": 3, "certificate_steps": 3, "hidden": 8, "latent": 4, "batch_size": 20},
+                "icl": {"enabled": True, "seeds": [0, 1], "steps": 3, "n_classes": 64, "train_examples": 200,
+                        "eval_examples": 32}},
 }
 
 
@@ -479,6 +500,9 @@ def test_tiny_unlearn_end_to_end_with_report_and_resume(tmp_path):
     assert summary["tradeoff"]["sgtm"]["forget_loss_after_attack"] == summary["relearn"]["sgtm"]["by_size"]["2"]["loss_after"]
     assert summary["compute"]["cpu_minutes"] > 0 and summary["compute"]["training_seconds"]["undo"]["mean"] > 0
     assert set(summary["digits"]["routed"]["errors"]) == {"autoencoder", "certificate_first", "certificate_second"}
+    icl = summary["moe_icl"]
+    assert icl["moe_minus_dense"]["icl_in_context"]["diff"] == pytest.approx(
+        np.mean([r["moe"]["icl_in_context"] - r["dense"]["icl_in_context"] for r in icl["per_seed"]]))
     report = build_report(out)
     assert report.exists()
     assert {p.stem for p in (out / "plots").iterdir()} == {"tradeoff", "forget_retain", "robustness", "relearning_loss",

@@ -21,15 +21,17 @@ Every method's final model is evaluated on every task's held-out set, then attac
 censored at `relearn.steps`). The label-noise sweep repeats every method with a share of the forget
 examples unlabelled (trained as retain). Figures are means over seeds with t-intervals; comparisons with
 plain and filter are paired by seed. The digits split (digits_split.py) replicates the published
-autoencoder experiment on real data.
+autoencoder experiment on real data; `unlearn.icl` (moe_icl.py) asks whether MoE-ification costs
+in-context learning.
 
     OUT/config.json  summary.json  report.html  plots/
     OUT/methods/<method>/seed<s>/  run directories (train/, ...), result.json (evaluations per stage)
     OUT/relearn/<method>/seed<s>/n<n>-seed<a>/  relearning runs;  OUT/relearn/<method>/seed<s>.json
     OUT/partial/u<share>/<method>/seed<s>/  the label-noise sweep;  OUT/digits/  the digits split
+    OUT/icl/  dense vs MoE-ified models on the icl suite
 
 Each method is a small class registered in `METHODS` (one line); one training is one cell of the kit's
-executor. Waves: methods that train from scratch, the sweep's from-scratch runs and the digits split; then
+executor. Waves: methods that train from scratch, the sweep's from-scratch runs, digits and icl; then
 those that start from the plain model; then undo (after its base); then one relearning cell per method
 and seed. A stage whose result file exists is never recomputed (`--resume`); interrupted training runs
 continue from their checkpoints, an interrupted coherence fine-tune restarts (its best-step memory is lost).
@@ -51,6 +53,7 @@ from capshape.experiments.digits_split import DigitsSplitSection, run_digits_spl
 from capshape.experiments.distill_hooks import Distiller
 from capshape.experiments.executor import Cell
 from capshape.experiments.kit import CellProgress, Protocol, Runtime, execute, raise_failures
+from capshape.experiments.moe_icl import MoEICLSection, summarize_icl, train_pair
 from capshape.experiments.relearn import run_relearning
 from capshape.experiments.unlearn_hooks import RMU, GradientAscentLosses, KeepBest, filter_hooks, mix_with
 from capshape.metrics.stats import paired_difference, t_interval
@@ -122,6 +125,7 @@ class UnlearnSection(Section):
     undo: UndoSection = UndoSection()
     relearn: RelearnSection = RelearnSection()
     digits: DigitsSplitSection = DigitsSplitSection()
+    icl: MoEICLSection = MoEICLSection()
 
     @field_validator("methods")
     @classmethod
@@ -481,6 +485,10 @@ def digits_cell(config: UnlearnConfig, out: Path, device: str = "cpu", on_progre
     run_digits_split(config.unlearn.digits, out / "digits", config.seeds[0], CellProgress(on_progress))
 
 
+def icl_cell(config: UnlearnConfig, out: Path, seed: int, device: str = "cpu", on_progress=None) -> None:
+    train_pair(config.unlearn.icl, out / "icl", seed, device, CellProgress(on_progress))
+
+
 def planned_runs(config: UnlearnConfig) -> list[tuple[str, int, float]]:
     """(method, seed, unlabelled share) of every training: the main runs (share 0, plain included), then the
     sweep (filter with no labels at all is the plain model, so it is not rerun)."""
@@ -503,6 +511,9 @@ def run(config: UnlearnConfig, out: Path, runtime: Runtime) -> dict:
         if wave == 0 and u.digits.enabled:
             cells.append(Cell("digits split", digits_cell, 2 * (u.digits.steps + 2 * u.digits.certificate_steps),
                               dict(config=config, out=out, device=runtime.device)))
+        if wave == 0 and u.icl.enabled:
+            cells += [Cell(f"icl seed {s}", icl_cell, 2 * u.icl.steps, dict(config=config, out=out, seed=s,
+                                                                             device=runtime.device)) for s in u.icl.seeds]
         failures |= execute(cells, config, runtime)
         if any(label.startswith("plain ") for label in failures):
             raise_failures({"failed": failures})
@@ -588,6 +599,7 @@ def summarize(config: UnlearnConfig, out: Path, wall: float) -> dict:
                     "forget_loss_after_attack": relearn[m]["by_size"][largest]["loss_after"]} for m in names}
     seconds = {str(p.parent.relative_to(out)): read_json(p)["seconds"] for p in sorted(out.glob("**/result.json"))}
     seconds |= {str(p.relative_to(out)): read_json(p)["seconds"] for p in sorted(out.glob("relearn/*/seed*.json"))}
+    seconds |= {str(p.relative_to(out)): read_json(p)["seconds"] for p in sorted(out.glob("icl/seed*.json"))}
     digits = read_json(out / "digits" / "digits.json") if u.digits.enabled else None
     if digits is not None:
         seconds["digits"] = digits["seconds"]
@@ -598,7 +610,7 @@ def summarize(config: UnlearnConfig, out: Path, wall: float) -> dict:
             "relearn_setup": {"sizes": u.relearn.sizes, "attack_seeds": u.relearn.seeds, "budget": u.relearn.steps,
                               "tradeoff_size": int(largest)},
             "tradeoff": tradeoff, "partial": sweep_summary(config, out, results) if u.unlabelled else None,
-            "digits": digits,
+            "digits": digits, "moe_icl": summarize_icl(u.icl, out / "icl") if u.icl.enabled else None,
             "compute": {"training_seconds": training,  # undo: its base's training included
                         "cpu_minutes": sum(seconds.values()) / 60 * (config.train.threads or 1),
                         "stages": seconds, "wall_this_invocation": wall}}
@@ -623,6 +635,11 @@ def headline(summary: dict) -> list:
                         if method != "plain" and tax.get("low") is not None else "")
                      + f"; after attack: forget loss {interval_text(attack['loss_after'])}, recovered "
                        f"{attack['recovered']}/{attack['runs']}")
+    if summary.get("moe_icl"):
+        icl = summary["moe_icl"]
+        lines += [f"{'icl, ' + task[4:]:>16}: dense {interval_text(icl['accuracy']['dense'][task])}, moe "
+                  f"{interval_text(icl['accuracy']['moe'][task])}, moe − dense {icl['moe_minus_dense'][task]['diff']:+.3f}"
+                  for task in icl["moe_minus_dense"]]
     return lines
 
 

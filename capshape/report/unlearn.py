@@ -198,6 +198,12 @@ def compute_table(summary: dict) -> str:
     return table(["method", "seconds per seed (undo: with its base)", "× plain"], rows)
 
 
+def icl_table(icl: dict) -> str:
+    rows = [[task[4:].replace("_", "-"), interval(icl["accuracy"]["dense"][task]), interval(icl["accuracy"]["moe"][task]),
+             interval(icl["moe_minus_dense"][task])] for task in icl["moe_minus_dense"]]
+    return table(["held-out accuracy", "dense", "MoE-ified (experts averaged)", "MoE − dense (paired)"], rows)
+
+
 def digits_table(digits: dict) -> str:
     rows = [[variant, half, number(c["own"]), number(c["other"]), number(c["other"] / c["own"])]
             for variant in ("routed", "control") for half, c in digits[variant]["certificates"].items()]
@@ -244,6 +250,15 @@ def render_unlearn_page(summary: dict, images: dict[str, bytes], path: Path, con
                              "(a certificate) should reconstruct its own digits well and the others badly. The control "
                              "autoencoder is trained without routing. One seed.</p>",
                              image(images, "digits_certificates", "digits certificates"), digits_table(summary["digits"])))
+    if summary.get("moe_icl"):
+        icl = summary["moe_icl"]
+        parts.append(section("Does MoE-ification cost in-context learning?",
+                             f"<p>The icl suite (Zipfian classes, 90 % bursty sequences), {icl['steps']} steps per model, "
+                             f"seeds {icl['seeds']}: an attention-only model trained dense, and with its readout MLP split "
+                             "into two experts, each training example through the expert of its label's parity. The MoE "
+                             "model is evaluated without labels, its experts' outputs averaged. In-context: novel classes, "
+                             "labels only in the context; in-weights: training classes absent from the context.</p>",
+                             icl_table(icl)))
     parts.append(section("Compute", compute_table(summary),
                          f"<details><summary>seconds per stage</summary><pre>"
                          f"{escape(json.dumps(summary['compute']['stages'], indent=2))}</pre></details>"))

@@ -49,26 +49,27 @@ def _mlp(model: nn.Module, block: int) -> MLP:
     return model.blocks[block].mlp
 
 
+def expand_units(mlp: nn.Module, neurons: int, std: float = 0.02, generator: Optional[torch.Generator] = None) -> int:
+    """Adds `neurons` units to one MLP-shaped module (Linear `up`, `down`), in place; returns its old width."""
+    width, d_in, d_out = mlp.up.out_features, mlp.up.in_features, mlp.down.out_features
+    up, down = nn.Linear(d_in, width + neurons), nn.Linear(width + neurons, d_out)
+    with torch.no_grad():
+        up.weight[:width] = mlp.up.weight
+        up.weight[width:] = torch.randn(neurons, d_in, generator=generator) * std
+        up.bias[:width] = mlp.up.bias
+        up.bias[width:] = 0
+        down.weight[:, :width] = mlp.down.weight
+        down.weight[:, width:] = 0
+        down.bias.copy_(mlp.down.bias)
+    mlp.up, mlp.down = up.to(mlp.up.weight), down.to(mlp.down.weight)
+    return width
+
+
 def expand_mlp(model: nn.Module, blocks: Optional[list[int]], neurons: int, std: float = 0.02,
                generator: Optional[torch.Generator] = None) -> Expansion:
     """Adds `neurons` units to the MLP of each block in `blocks` (None: every block), in place."""
     chosen = list(range(len(model.blocks))) if blocks is None else list(blocks)
-    expansion = {}
-    for i in chosen:
-        mlp = _mlp(model, i)
-        width, d_model = mlp.up.out_features, mlp.up.in_features
-        up, down = nn.Linear(d_model, width + neurons), nn.Linear(width + neurons, d_model)
-        with torch.no_grad():
-            up.weight[:width] = mlp.up.weight
-            up.weight[width:] = torch.randn(neurons, d_model, generator=generator) * std
-            up.bias[:width] = mlp.up.bias
-            up.bias[width:] = 0
-            down.weight[:, :width] = mlp.down.weight
-            down.weight[:, width:] = 0
-            down.bias.copy_(mlp.down.bias)
-        mlp.up, mlp.down = up.to(mlp.up.weight), down.to(mlp.down.weight)
-        expansion[i] = (width, neurons)
-    return Expansion(expansion)
+    return Expansion({i: (expand_units(_mlp(model, i), neurons, std, generator), neurons) for i in chosen})
 
 
 def contract_mlp(model: nn.Module, expansion: Expansion) -> None:

@@ -34,7 +34,8 @@ PROTOCOLS = {
     "unlearn": ("configs/unlearn.toml", [
         "train.steps=30", "train.eval_every=10", "unlearn.post_steps=10", "unlearn.relearn.sizes=[1,4]",
         "unlearn.relearn.steps=5", "unlearn.relearn.seeds=[0]", "unlearn.digits.steps=20",
-        "unlearn.digits.certificate_steps=20", "data.train_examples=500"]),
+        "unlearn.digits.certificate_steps=20", "data.train_examples=500", "seeds=[0]", "unlearn.undo.steps=10",
+        "unlearn.icl.steps=10", "unlearn.icl.seeds=[0]", "unlearn.icl.train_examples=500"]),
 }
 DROP = {"seconds", "provenance", "wall_this_invocation", "compute", "grid_seconds", "relative_cost", "probe_seconds", "base",
         "path"}

@@ -554,7 +554,7 @@ def method_summary(results: dict, method: str, seeds: list[int]) -> dict:
 
 def attack_summary(attacks: dict[int, dict], budget: int) -> dict:
     """Per attack size, over model seeds (each the mean over its attack seeds): forget loss and accuracy at
-    the end of the attack, its minimum loss, and the steps to the plain model's forget accuracy (None:
+    the end of the attack, the attacker's best (minimum loss, maximum accuracy over its steps), and the steps to the plain model's forget accuracy (None:
     censored at `budget`; `restricted_mean_steps` counts a censored run as `budget`, a lower bound)."""
     sizes = next(iter(attacks.values()))["sizes"]
     by_size = {}
@@ -567,6 +567,8 @@ def attack_summary(attacks: dict[int, dict], budget: int) -> dict:
             "loss_after": t_interval(seed_mean(lambda run: run["curve"]["loss"][-1])),
             "accuracy_after": t_interval(seed_mean(lambda run: run["curve"]["accuracy"][-1])),
             "min_loss": t_interval(seed_mean(lambda run: run["min_loss"])),
+            "min_loss_per_seed": seed_mean(lambda run: run["min_loss"]),
+            "max_accuracy": t_interval(seed_mean(lambda run: max(run["curve"]["accuracy"]))),
             "steps_to_recover": steps, "recovered": len(recovered), "runs": len(steps), "censored_at": budget,
             "median_steps": float(np.median([budget + 1 if s is None else s for s in steps]))
             if len(recovered) * 2 > len(steps) else None,
@@ -593,10 +595,17 @@ def summarize(config: UnlearnConfig, out: Path, wall: float) -> dict:
     attacks = {m: {s: read_json(relearn_path(out, m, s)) for s in seeds} for m in names}
     methods = {m: method_summary(results, m, seeds) for m in names}
     relearn = {m: attack_summary(attacks[m], u.relearn.steps) for m in names}
+    for m, attack in relearn.items():  # the attacker's best forget loss, paired by seed with filter's (undo: its base's)
+        bases = {"vs_filter": "filter", **({"vs_base": u.undo.base} if m == "undo" else {})}
+        for n, stats in attack["by_size"].items():
+            for key, base in bases.items():
+                if base in relearn:
+                    stats[f"min_loss_{key}"] = paired_difference(
+                        list(zip(stats["min_loss_per_seed"], relearn[base]["by_size"][n]["min_loss_per_seed"])))
     largest = str(max(u.relearn.sizes))
     tradeoff = {m: {"retain_loss": methods[m]["stages"]["final"]["retain"]["loss"],
                     "forget_loss": methods[m]["stages"]["final"]["forget"]["loss"],
-                    "forget_loss_after_attack": relearn[m]["by_size"][largest]["loss_after"]} for m in names}
+                    "forget_loss_after_attack": relearn[m]["by_size"][largest]["min_loss"]} for m in names}
     seconds = {str(p.parent.relative_to(out)): read_json(p)["seconds"] for p in sorted(out.glob("**/result.json"))}
     seconds |= {str(p.relative_to(out)): read_json(p)["seconds"] for p in sorted(out.glob("relearn/*/seed*.json"))}
     seconds |= {str(p.relative_to(out)): read_json(p)["seconds"] for p in sorted(out.glob("icl/seed*.json"))}
@@ -633,7 +642,7 @@ def headline(summary: dict) -> list:
                      f"{interval_text(final['retain']['loss'])}"
                      + (f" (vs plain {tax['diff']:+.3f} [{tax['low']:+.3f}, {tax['high']:+.3f}])"
                         if method != "plain" and tax.get("low") is not None else "")
-                     + f"; after attack: forget loss {interval_text(attack['loss_after'])}, recovered "
+                     + f"; attacked: min forget loss {interval_text(attack['min_loss'])}, recovered "
                        f"{attack['recovered']}/{attack['runs']}")
     if summary.get("moe_icl"):
         icl = summary["moe_icl"]

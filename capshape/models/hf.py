@@ -10,6 +10,7 @@ The same named sites as capshape's Transformer, placed with PyTorch forward hook
 Site functions to the HF modules' tensors:
 
     embed                 token + position embedding (the output of transformer.drop)
+    blocks.i.attn.z       the heads' outputs, merged, before the output projection (input of h[i].attn.c_proj)
     blocks.i.attn_out     the attention output added to the residual (h[i].attn's first output)
     blocks.i.mlp.hidden   the post-activation MLP hidden state (the input of h[i].mlp.c_proj)
     blocks.i.mlp_out      the MLP output added to the residual (h[i].mlp's output)
@@ -41,6 +42,8 @@ class _BlockSites(nn.Module):
 
     def __init__(self):
         super().__init__()
+        self.attn = nn.Module()
+        self.attn.z = Site()
         self.attn_out = Site()
         self.mlp = nn.Module()
         self.mlp.hidden = Site()
@@ -72,6 +75,8 @@ class HFCausalLM(SiteModel):
         gpt = self.hf.transformer
         self._hook(gpt.drop, self.embed)
         for block, sites in zip(gpt.h, self.blocks):
+            block.attn.c_proj.register_forward_pre_hook(
+                lambda module, args, site=sites.attn.z: (site(args[0]), *args[1:]) if site.fns else None)
             self._hook(block.attn, sites.attn_out)
             block.mlp.c_proj.register_forward_pre_hook(
                 lambda module, args, site=sites.mlp.hidden: (site(args[0]), *args[1:]) if site.fns else None)

@@ -49,7 +49,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    kind: Literal["transformer", "mlp", "attention_only", "hf_gpt2"] = Field("transformer", description="Model family; the suite says which fits its data. 'hf_gpt2': transformers' GPT2LMHeadModel sized by the fields below (needs the 'hf' extra).")
+    kind: Literal["transformer", "mlp", "attention_only", "hf", "hf_gpt2"] = Field("transformer", description="Model family; the suite says which fits its data. 'hf': any transformers causal LM of a mapped family from hf_path or hf_config; 'hf_gpt2': transformers' GPT2LMHeadModel sized by the fields below (both need the 'hf' extra).")
     n_layer: int = Field(2, gt=0, description="Transformer blocks.")
     n_head: int = Field(4, gt=0, description="Attention heads per block.")
     d_model: int = Field(128, gt=0, description="Residual stream width (divisible by n_head).")
@@ -57,8 +57,15 @@ class ModelConfig(Section):
     max_len: int = Field(24, gt=1, description="Longest token sequence (prompt + target + specials).")
     width: int = Field(256, gt=0, description="MLP hidden width (kind='mlp').")
     depth: int = Field(1, gt=0, description="MLP hidden layers (kind='mlp').")
-    hf_config: dict[str, Any] = Field({}, description="Further GPT2Config fields (kind='hf_gpt2'), e.g. {activation_function = 'gelu'}.")
-    hf_path: Optional[Path] = Field(None, description="A local directory saved by save_pretrained to load (kind='hf_gpt2'); never downloads.")
+    hf_config: dict[str, Any] = Field({}, description="kind='hf': the AutoConfig fields, model_type included, e.g. {model_type = 'llama', hidden_size = 64}; kind='hf_gpt2': further GPT2Config fields.")
+    hf_path: Optional[Path] = Field(None, description="A local directory saved by save_pretrained to load (kind='hf' or 'hf_gpt2'); never downloads.")
+
+    @model_validator(mode="after")
+    def _hf_source(self) -> "ModelConfig":
+        if self.kind == "hf" and self.hf_path is None and "model_type" not in self.hf_config:
+            raise ValueError("kind='hf' needs hf_path (a local save_pretrained directory) or hf_config with a "
+                             "model_type, e.g. {model_type = 'llama', hidden_size = 64, num_hidden_layers = 2}")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":

@@ -18,7 +18,7 @@ def build_model(config: ModelConfig, spec: InputSpec) -> SiteModel:
         return MLPClassifier(spec.d_in, config.width, config.depth, spec.n_classes)
     if config.kind == "attention_only" and spec.kind == "vector_sequences":
         return AttentionOnly(config, spec.d_in, spec.n_classes)
-    if config.kind == "hf_gpt2" and spec.kind == "tokens":
+    if config.kind in ("hf", "hf_gpt2") and spec.kind == "tokens":
         from capshape.models.hf import HFCausalLM  # imports transformers, an optional dependency
 
         return HFCausalLM(config, spec.vocab_size)

@@ -103,9 +103,9 @@ def check_config(config: RunConfig) -> None:
         build_objective(name, config.objective.get(name, {}), num_groups=1)
     if config.train.init_from is not None and not Path(config.train.init_from).is_file():
         raise CapshapeError(f"train.init_from: {str(config.train.init_from)!r} does not exist: point it at a model.safetensors.")
-    if config.model.kind == "hf_gpt2":
+    if config.model.kind in ("hf", "hf_gpt2"):
         if importlib.util.find_spec("transformers") is None:
-            raise CapshapeError("model.kind='hf_gpt2' needs transformers: pip install 'capshape[hf]'.")
+            raise CapshapeError(f"model.kind='{config.model.kind}' needs transformers: pip install 'capshape[hf]'.")
         if config.model.hf_path is not None and not Path(config.model.hf_path).is_dir():
             raise CapshapeError(f"model.hf_path: {str(config.model.hf_path)!r} is not a directory: point it at a "
                                 f"local save_pretrained directory (nothing is downloaded).")

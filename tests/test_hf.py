@@ -10,7 +10,7 @@ from capshape.grads import GradientSketcher, gradient_gram, linear_layer_names  
 from capshape.models import Transformer, build_model, per_example_losses  # noqa: E402
 from capshape.models.hf import FAMILIES  # noqa: E402
 from capshape.objectives import build_objective  # noqa: E402
-from capshape.routing import route  # noqa: E402
+from capshape.routing import contract_mlp, expand_mlp, route  # noqa: E402
 from capshape.tasks.suites import InputSpec  # noqa: E402
 from capshape.train import RunSpec, StepHooks, load_model, prepare_data, train_run  # noqa: E402
 from capshape.train.loop import make_optimizer, training_step  # noqa: E402
@@ -115,7 +115,8 @@ def test_hf_gpt2_trains_through_the_loop_and_reloads(tmp_path):
 # ---- model.kind = "hf": any mapped family, built from hf_config or loaded from a local directory -----------
 
 FAMILY_CONFIGS = {
-    "gpt2": {"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner": 32, "n_positions": 32},
+    "gpt2": {"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2, "n_inner": 32, "n_positions": 32,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
     "gpt_neox": {"model_type": "gpt_neox", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
                  "intermediate_size": 32, "max_position_embeddings": 32},
     "llama": {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -213,3 +214,29 @@ def test_hf_kind_errors_name_the_field():
         build_model(ModelConfig(kind="hf", hf_config={"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 1,
                                                       "num_attention_heads": 2, "intermediate_size": 32}),
                     InputSpec("tokens", vocab_size=40))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_era_expansion_keeps_the_function_routes_the_added_units_and_contracts_exactly(family):
+    model = _family_model(family)
+    fresh = {k: v.shape for k, v in _family_model(family).state_dict().items()}
+    tokens = torch.randint(0, 40, (3, 10))
+    original = model(tokens)
+    expansion = expand_mlp(model, None, 4, std=0.5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(tokens), original, rtol=1e-5, atol=1e-6)
+    masks = expansion.site_masks(0.0, 1.0)  # forget route: gradient reaches the added units only
+    assert masks["blocks.1.mlp.hidden"].shape == (36,)
+    with model.attach({site: (lambda mask: lambda h: route(h, mask))(mask) for site, mask in masks.items()}):
+        model(tokens).logsumexp(-1).sum().backward()
+    block = model.hf.get_submodule(model_family(model).blocks)[1]
+    for path in UP_PROJECTIONS[family]:
+        grad = block.get_submodule(path).weight.grad
+        original_units = grad[:, :32] if family == "gpt2" else grad[:32]
+        assert original_units.abs().max() == 0, path
+    with torch.no_grad():  # train-like change of the added units, removed again by the contraction
+        for path in UP_PROJECTIONS[family]:
+            weight = block.get_submodule(path).weight
+            (weight[:, 32:] if family == "gpt2" else weight[32:]).add_(1.0)
+    contract_mlp(model, expansion)
+    assert torch.equal(model(tokens), original)
+    assert {k: v.shape for k, v in model.state_dict().items()} == fresh

@@ -331,7 +331,7 @@ def test_icl_experts_route_by_label_parity_and_the_mixture_averages_them():
     suite = prepare_data(config, 0).suite
     torch.manual_seed(0)
     model = build_model(config.model, suite.input_spec)
-    masks = experts(model, expand_units(model.readout, 256, std=0.1))
+    masks = experts(model, expand_units(model, ["readout.up"], "readout.down", 256, std=0.1))
     with torch.no_grad():
         model.readout.down.weight[:, 256:].normal_(std=0.1)
     inputs = suite.data[0].held_out.inputs[:8]

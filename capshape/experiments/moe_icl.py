@@ -76,7 +76,8 @@ def train_pair(section: MoEICLSection, directory: Path, seed: int, device: str =
         model = initial_model(config, suite.input_spec, seed)
         hooks = None
         if arm == "moe":
-            masks = experts(model, expand_units(model.readout, model.readout.up.out_features,
+            width = model.readout.up.out_features
+            masks = experts(model, expand_units(model, ["readout.up"], "readout.down", width,
                                                 generator=torch.Generator().manual_seed(seed)))
             hooks = StepHooks(around_forward=masks)
         run = Path(directory) / f"seed{seed}" / arm

@@ -46,14 +46,16 @@ class Family:
     attn: str
     attn_proj: str
     mlp: str
-    mlp_proj: str
+    mlp_proj: str  # reads the MLP units
+    mlp_units: tuple[str, ...]  # produce them (a gated MLP: gate and up)
 
 
-LLAMA_LAYOUT = Family("model.layers", "model.embed_tokens", "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj")
+LLAMA_LAYOUT = Family("model.layers", "model.embed_tokens", "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj",
+                      ("mlp.gate_proj", "mlp.up_proj"))
 FAMILIES = {
-    "gpt2": Family("transformer.h", "transformer.drop", "attn", "attn.c_proj", "mlp", "mlp.c_proj"),
+    "gpt2": Family("transformer.h", "transformer.drop", "attn", "attn.c_proj", "mlp", "mlp.c_proj", ("mlp.c_fc",)),
     "gpt_neox": Family("gpt_neox.layers", "gpt_neox.emb_dropout", "attention", "attention.dense", "mlp",
-                       "mlp.dense_4h_to_h"),
+                       "mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",)),
     **{model_type: LLAMA_LAYOUT for model_type in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")},
 }
 
@@ -113,6 +115,7 @@ class HFCausalLM(SiteModel):
             raise CapshapeError(f"model.hf_path: the model has vocab_size={hf_config.vocab_size} and {positions} "
                                 f"positions; capshape's tokenizer needs vocab_size={vocab_size} and "
                                 f"model.max_len={cfg.max_len} positions.")
+        self.family = family
         self.embed = Site()
         blocks = self.hf.get_submodule(family.blocks)
         self.blocks = nn.ModuleList(_BlockSites() for _ in blocks)
@@ -123,6 +126,11 @@ class HFCausalLM(SiteModel):
             self._pre_hook(block.get_submodule(family.mlp_proj), sites.mlp.hidden)
             self._hook(block.get_submodule(family.mlp), sites.mlp_out)
             self._hook(block, sites.resid_post)
+
+    def mlp_projections(self, block: int) -> tuple[list[str], str]:
+        """Module paths of block `block`'s MLP: the projections producing its units, the one reading them."""
+        prefix = f"hf.{self.family.blocks}.{block}"
+        return [f"{prefix}.{path}" for path in self.family.mlp_units], f"{prefix}.{self.family.mlp_proj}"
 
     @staticmethod
     def _hook(module: nn.Module, site: Site) -> None:

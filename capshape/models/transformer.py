@@ -71,6 +71,10 @@ class Transformer(SiteModel):
         self.unembed = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.apply(_init_weights)
 
+    def mlp_projections(self, block: int) -> tuple[list[str], str]:
+        """Module paths of block `block`'s MLP: the projection producing its units, the one reading them."""
+        return [f"blocks.{block}.mlp.up"], f"blocks.{block}.mlp.down"
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab]."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)

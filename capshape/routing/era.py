@@ -23,6 +23,7 @@ from capshape.routing.masks import ActivationRouter, RoutedLosses, Routes
 from capshape.routing.parameters import ParameterRouter
 
 RETAIN, FORGET = 0, 1  # route ids: retain is the default route
+EXPANDABLE = ("transformer", "hf", "hf_gpt2")  # model kinds whose MLPs expand_mlp can widen
 
 
 class MaskValues(Section):
@@ -49,8 +50,11 @@ class RoutingSection(Section):
 
     def check(self, model: ModelConfig, field: str) -> None:
         """Raises CapshapeError, naming `field`, when `model` has no MLP blocks to expand as listed."""
-        if model.kind != "transformer":
-            raise CapshapeError(f"{field}: routing expands transformer MLPs: set model.kind='transformer'.")
+        if model.kind not in EXPANDABLE:
+            raise CapshapeError(f"{field}: routing expands transformer MLPs: set model.kind to one of {', '.join(EXPANDABLE)}.")
+        if self.route_parameters and model.kind != "transformer":
+            raise CapshapeError(f"{field}.route_parameters: parameter routing names capshape's own transformer's "
+                                f"parameters: set model.kind='transformer' or route_parameters=false.")
         bad = [b for b in self.blocks or [] if not 0 <= b < model.n_layer]
         if bad:
             raise CapshapeError(f"{field}.blocks: block {bad[0]} does not exist (model.n_layer = {model.n_layer}): "

@@ -15,7 +15,8 @@ from pydantic import Field
 
 from capshape.config import ModelConfig, Section
 from capshape.errors import CapshapeError
-from capshape.routing.expand import Expansion, expand_mlp
+from capshape.routing.era import EXPANDABLE
+from capshape.routing.expand import Expansion, expand_mlp, mlp_width
 from capshape.routing.masks import ForwardMasks, Routes
 
 
@@ -25,15 +26,15 @@ class MoESection(Section):
     init_std: float = Field(0.02, ge=0, description="Std of the expert's up rows; its down columns start at 0.")
 
     def check(self, model: ModelConfig, field: str) -> None:
-        if model.kind != "transformer":
-            raise CapshapeError(f"{field}: experts replace transformer MLPs: set model.kind='transformer'.")
+        if model.kind not in EXPANDABLE:
+            raise CapshapeError(f"{field}: experts widen transformer MLPs: set model.kind to one of {', '.join(EXPANDABLE)}.")
         bad = [b for b in self.blocks or [] if not 0 <= b < model.n_layer]
         if bad:
             raise CapshapeError(f"{field}.blocks: block {bad[0]} does not exist (model.n_layer = {model.n_layer}): "
                                 f"use 0..{model.n_layer - 1}.")
 
     def expand(self, model, seed: int) -> Expansion:
-        units = self.expert_units or model.blocks[0].mlp.up.out_features
+        units = self.expert_units or mlp_width(model, 0)
         return expand_mlp(model, self.blocks, units, self.init_std, torch.Generator().manual_seed(seed))
 
     @staticmethod

@@ -198,6 +198,25 @@ def report(path: Path = typer.Argument(..., help="A run, protocol or groups dire
     console.print(f"report: {build_report(path)}")
 
 
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Tokenizers for the corpus suite.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+@user_errors
+def tokenizer_train(
+    files: List[Path] = typer.Argument(..., help="Local JSONL, Parquet or CSV files of documents."),
+    out: Path = typer.Option(..., "--out", help="Directory to save the tokenizer in (save_pretrained)."),
+    vocab_size: int = typer.Option(512, "--vocab-size", min=258, help="Vocabulary size (256 bytes + 2 specials + merges)."),
+    text_field: str = typer.Option("text", "--text-field", help="The column holding a document's text."),
+    group_field: str = typer.Option("group", "--group-field", help="The column holding a document's group."),
+):
+    """Train a byte-level BPE tokenizer on FILES, for data.suite_params.tokenizer of the corpus suite."""
+    from capshape.tasks.corpus import train_tokenizer
+
+    console.print(f"tokenizer: {train_tokenizer(files, out, vocab_size, text_field, group_field)}")
+
+
 @app.command()
 @user_errors
 def tasks():

@@ -187,7 +187,8 @@ def render_page(experiment: Experiment, images: dict[str, bytes]) -> str:
                 f"per task, one line per objective.{band}</p>",
                 image(images, "accuracy", "per-task accuracy"),
                 image(images, "heldout_loss", "per-task held-out loss"),
-                image(images, "target_logprob", "per-task target log-prob")),
+                image(images, "target_logprob", "per-task target log-prob"),
+                image(images, "perplexity", "per-group held-out perplexity") if "perplexity" in images else ""),
         section("Emergence metrics", emergence_table(experiment)),
         section("Group-loss spread",
                 "<p>Coefficient of variation and max/min ratio of the mean held-out loss across training groups, "

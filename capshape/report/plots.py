@@ -97,6 +97,12 @@ def task_grid(experiment: Experiment, metric: str, ylabel: str):
     return grid_figure(panels, ylabel)
 
 
+def perplexity_figure(experiment: Experiment):
+    """Held-out perplexity exp(loss) per group (the corpus suite's continuous metric), one line per objective."""
+    curve = lambda task: lambda run: {step: math.exp(loss) for step, loss in run.eval_curve(task, "loss").items()}
+    return grid_figure({task: objective_lines(experiment, curve(task)) for task in experiment.tasks}, "held-out perplexity")
+
+
 def probe_names(experiment: Experiment) -> list[str]:
     """The model measures recorded at every evaluation (metrics rows' `probes`), e.g. weight norm."""
     return list(dict.fromkeys(key for run in experiment.runs for row in run.rows for key in row.get("probes", {})))
@@ -198,6 +204,8 @@ def render_plots(experiment: Experiment) -> dict[str, bytes]:
         name: (lambda metric=metric, ylabel=ylabel: task_grid(experiment, metric, ylabel))
         for name, (metric, ylabel) in TASK_METRICS.items()
     }
+    if any("perplexity" in run.summary.get("suite_metrics", {}) for run in experiment.runs):
+        figures["perplexity"] = lambda: perplexity_figure(experiment)
     figures["group_loss_spread"] = lambda: group_spread_figure(experiment)
     figures["alignment_tax"] = lambda: alignment_tax_figure(experiment)
     if experiment.composed_tasks:

@@ -4,6 +4,7 @@ from capshape.tasks import builtin  # noqa: F401  (registers the built-in tasks)
 from capshape.tasks import grokking, icl, sparse_parity  # noqa: F401  (register the testbed suites)
 from capshape.tasks import digits  # noqa: F401  (registers the scikit-learn digits suite)
 from capshape.tasks import backdoor  # noqa: F401  (registers the poisoned-data suite)
+from capshape.tasks import corpus  # noqa: F401  (registers the real-text suite)
 from capshape.tasks.base import TASKS, FixedTask, Task, compose, exact_match, register
 from capshape.tasks.data import Batch, MixtureSampler, TaskData, build_task_data, mixture_weights
 from capshape.tasks.jsonl import load_jsonl_tasks

@@ -1,0 +1,150 @@
+"""Real text: the `corpus` suite (`data.suite = "corpus"`), documents with a group label from local files,
+a Hugging Face tokenizer from a local directory, packed into fixed-length sequences.
+
+    [data.suite_params]
+    files = ["corpus.jsonl"]        # local JSONL / Parquet / CSV, read with datasets.load_dataset
+    tokenizer = "tokenizer/"        # a save_pretrained directory (or `capshape tokenizer train`)
+    text_field = "text"
+    group_field = "group"
+    held_out = 0.1                  # share of each group's documents held out, by document
+
+Each group is one task (its name), so every objective, the per-group evaluation and the verdict work
+unchanged: the held-out loss per group is the continuous metric (perplexity = exp(loss), in the run's
+suite metrics); exact match of a whole packed sequence is not meaningful and stays near zero.
+Documents are tokenized, followed by the tokenizer's EOS, and packed by `pack_documents` into rows of
+model.max_len inputs whose labels are the next tokens. A row here holds one group's documents (capshape's
+objectives weigh examples); `pack_documents` also packs across groups with per-token group ids (the
+group of the token each position predicts), as the Hugging Face integration takes them. Nothing is
+downloaded: files and tokenizer are local, loaded with local_files_only.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from capshape.errors import CapshapeError
+from capshape.tasks.base import Task
+from capshape.tasks.data import Split, TaskData, task_seed
+from capshape.tasks.suites import SUITES, InputSpec, Suite, SuiteData, SuiteParams
+from capshape.tasks.tokenizer import IGNORE
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class CorpusParams(SuiteParams):
+    files: list[Path] = Field(min_length=1, description="Local JSONL, Parquet or CSV files of documents.")
+    tokenizer: Path = Field(description="A local Hugging Face tokenizer directory (save_pretrained).")
+    text_field: str = Field("text", description="The column holding a document's text.")
+    group_field: str = Field("group", description="The column holding a document's group (its capability label).")
+    held_out: float = Field(0.1, gt=0, lt=1, description="Share of each group's documents held out (at least one).")
+
+
+def load_documents(files: list[Path], text_field: str = "text", group_field: str = "group") -> list[tuple[str, str]]:
+    """(text, group) of every document of the files, in file order."""
+    for path in files:
+        if not Path(path).is_file():
+            raise CapshapeError(f"data.suite_params.files: {str(path)!r} does not exist: point it at a local file.")
+        if Path(path).suffix not in BUILDERS:
+            raise CapshapeError(f"data.suite_params.files: {Path(path).name!r} is not {', '.join(BUILDERS)}: convert it.")
+    try:
+        import datasets
+    except ImportError:
+        raise CapshapeError("data.suite = 'corpus' needs the datasets library: pip install 'capshape[hf]'.") from None
+    datasets.disable_progress_bar()
+    documents = []
+    for path in files:
+        table = datasets.load_dataset(BUILDERS[Path(path).suffix], data_files=str(path), split="train")
+        missing = [f for f in (text_field, group_field) if f not in table.column_names]
+        if missing:
+            raise CapshapeError(f"data.suite_params: {Path(path).name} has no column {missing[0]!r} (it has "
+                                f"{table.column_names}): set text_field / group_field.")
+        documents += [(str(text), str(group)) for text, group in zip(table[text_field], table[group_field]) if text]
+    if not documents:
+        raise CapshapeError("data.suite_params.files hold no documents with text.")
+    return documents
+
+
+def load_tokenizer(path: Path):
+    if not Path(path).is_dir():
+        raise CapshapeError(f"data.suite_params.tokenizer: {str(path)!r} is not a directory: point it at a local "
+                            f"save_pretrained tokenizer, or make one with `capshape tokenizer train`.")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise CapshapeError(f"data.suite_params.tokenizer: {Path(path).name} has no EOS token, which separates packed "
+                            f"documents: give it one (eos_token).")
+    return tokenizer
+
+
+def train_tokenizer(files: list[Path], out: Path, vocab_size: int = 512, text_field: str = "text",
+                    group_field: str = "group") -> Path:
+    """A byte-level BPE tokenizer (the `tokenizers` library) trained on the documents' text, with <pad> and
+    <eos> specials, saved with save_pretrained to `out` (what data.suite_params.tokenizer takes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [text for text, _ in load_documents(files, text_field, group_field)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"], show_progress=False,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>").save_pretrained(str(out))
+    return Path(out)
+
+
+def pack_documents(documents: list[list[int]], groups: list[int], length: int, pad: int):
+    """Documents (token ids, each ending with EOS) concatenated and cut into rows of `length`: inputs
+    [N, length], labels [N, length] (the next token; IGNORE past the stream's end) and per-token group ids
+    [N, length] (the group of the document the predicted token belongs to, so a row may hold several groups)."""
+    stream = torch.tensor([t for doc in documents for t in doc], dtype=torch.long)
+    owner = torch.tensor([g for doc, g in zip(documents, groups) for _ in doc], dtype=torch.long)
+    rows = max(1, -(-(len(stream) - 1) // length))
+    inputs = torch.full((rows * length,), pad, dtype=torch.long)
+    labels = torch.full((rows * length,), IGNORE, dtype=torch.long)
+    token_groups = torch.full((rows * length,), -1, dtype=torch.long)
+    inputs[:len(stream) - 1], labels[:len(stream) - 1], token_groups[:len(stream) - 1] = stream[:-1], stream[1:], owner[1:]
+    shape = (rows, length)
+    return inputs.view(shape), labels.view(shape), token_groups.view(shape)
+
+
+class CorpusSuite(Suite):
+    Params = CorpusParams
+
+    def build(self, data_config, params: CorpusParams, seed: int, max_len: int) -> SuiteData:
+        tokenizer = load_tokenizer(params.tokenizer)
+        by_group: dict[str, list[list[int]]] = {}
+        for text, group in load_documents(params.files, params.text_field, params.group_field):
+            by_group.setdefault(group, []).append(tokenizer(text, add_special_tokens=False)["input_ids"]
+                                                  + [tokenizer.eos_token_id])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        decode = lambda ids: tokenizer.decode(ids)
+        data = []
+        for name, documents in sorted(by_group.items()):
+            if len(documents) < 2:
+                raise CapshapeError(f"data.suite_params: group {name!r} has {len(documents)} document; each group needs "
+                                    f"at least 2 (one to hold out).")
+            order = list(range(len(documents)))
+            random.Random(task_seed(seed, name)).shuffle(order)
+            held = max(1, round(params.held_out * len(documents)))
+            splits = []
+            for chosen, cap in ((order[held:], data_config.train_examples), (order[:held], data_config.eval_examples)):
+                inputs, labels, _ = pack_documents([documents[i] for i in sorted(chosen)], [0] * len(chosen), max_len, pad)
+                inputs, labels = inputs[:cap], labels[:cap]
+                targets = [decode(row[row != IGNORE].tolist()) for row in labels]
+                splits.append(Split([], targets, inputs, labels))
+            task = Task(name, name, tag="", sample_input=None, solve=None,
+                        description=f"{len(documents)} documents ({held} held out)", decode=decode)
+            data.append(TaskData(task, *splits))
+        return SuiteData(data, [True] * len(data), InputSpec("tokens", vocab_size=len(tokenizer)))
+
+    def summary_extras(self, rows: list[dict]) -> dict:
+        """Held-out perplexity per group, exp(loss), at the last evaluation."""
+        return {"perplexity": {task: float(torch.tensor(stats["loss"]).exp()) for task, stats in rows[-1]["eval"].items()}}
+
+
+SUITES.add("corpus", CorpusSuite())

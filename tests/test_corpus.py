@@ -1,0 +1,111 @@
+"""The corpus suite: packing keeps per-token group ids at document boundaries, held-out split by document,
+a trained tokenizer that loads offline, clear errors, and a tiny Llama trained with grouped loss on the
+shipped corpus config."""
+import json
+import tomllib
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+from capshape.config import build_config  # noqa: E402
+from capshape.errors import CapshapeError  # noqa: E402
+from capshape.tasks.corpus import load_tokenizer, pack_documents, train_tokenizer  # noqa: E402
+from capshape.tasks.tokenizer import IGNORE  # noqa: E402
+from capshape.train import RunSpec, prepare_data, train_run  # noqa: E402
+
+EOS, PAD = 1, 0
+
+
+def test_packing_keeps_per_token_group_ids_at_document_boundaries():
+    documents = [[5, 6, 7, EOS], [8, 9, EOS], [10, 11, 12, 13, EOS]]  # groups 0, 2, 1
+    inputs, labels, groups = pack_documents(documents, [0, 2, 1], length=4, pad=PAD)
+    stream = [t for d in documents for t in d]
+    owner = [g for d, g in zip(documents, [0, 2, 1]) for _ in d]
+    assert inputs.shape == labels.shape == groups.shape == (3, 4)  # 12 tokens -> 11 (input, next) pairs -> 3 rows
+    flat_inputs, flat_labels, flat_groups = inputs.flatten().tolist(), labels.flatten().tolist(), groups.flatten().tolist()
+    assert flat_inputs[:11] == stream[:-1] and flat_labels[:11] == stream[1:] and flat_groups[:11] == owner[1:]
+    assert flat_labels[11] == IGNORE and flat_groups[11] == -1 and flat_inputs[11] == PAD
+    # the position holding a document's EOS predicts the next document's first token, in that document's group
+    eos_at = flat_inputs.index(EOS)
+    assert flat_labels[eos_at] == 8 and flat_groups[eos_at] == 2 and flat_groups[eos_at - 1] == 0
+    assert len(set(groups[1].tolist())) > 1  # a row holding two groups
+
+
+def corpus(tmp_path, rows):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def rows():
+    return [{"text": f"{word} number {i} is here.", "group": group}
+            for group, word in (("alpha", "apple"), ("beta", "banana")) for i in range(10)]
+
+
+def config_for(tmp_path, files, tokenizer, **params):
+    return build_config({
+        "seeds": [0], "objectives": ["grouped"],
+        "data": {"suite": "corpus", "train_examples": 1000, "eval_examples": 16,
+                 "suite_params": {"files": [str(f) for f in files], "tokenizer": str(tokenizer), "held_out": 0.2, **params}},
+        "model": {"kind": "hf", "max_len": 16, "hf_config": {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
+                                                               "num_attention_heads": 2, "num_key_value_heads": 2,
+                                                               "intermediate_size": 32, "max_position_embeddings": 16}},
+        "train": {"steps": 3, "batch_size": 4, "eval_every": 3, "checkpoint_every": 3, "warmup_steps": 1, "threads": 1}})
+
+
+def test_the_suite_holds_out_whole_documents_per_group_and_trains(tmp_path):
+    path = corpus(tmp_path, rows())
+    tokenizer_dir = train_tokenizer([path], tmp_path / "tok", vocab_size=300)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    assert tokenizer.eos_token == "<eos>" and 258 <= len(tokenizer) <= 300  # 256 bytes + 2 specials, then merges
+    config = config_for(tmp_path, [path], tokenizer_dir)
+    data = prepare_data(config, 0).data
+    assert [d.task.name for d in data] == ["alpha", "beta"]
+    for d in data:
+        held = set(d.held_out.targets[0].split("<eos>"))
+        train_text = "".join(d.train.targets)
+        held_docs = [doc for doc in held if doc.strip()]
+        assert held_docs and all(doc not in train_text for doc in held_docs)  # no held-out document in training rows
+        word = {"alpha": "apple", "beta": "banana"}[d.task.name]
+        assert all(word in text for text in d.train.targets + d.held_out.targets)  # a row holds its group's documents
+    summary = train_run(RunSpec.of(config, "grouped", 0), tmp_path / "run")
+    assert set(summary["suite_metrics"]["perplexity"]) == {"alpha", "beta"}
+    assert all(p > 1 for p in summary["suite_metrics"]["perplexity"].values())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tmp_path, path, tok: ([tmp_path / "missing.jsonl"], tok, {}), "does not exist"),
+    (lambda tmp_path, path, tok: ([path], tmp_path / "no_tokenizer", {}), "capshape tokenizer train"),
+    (lambda tmp_path, path, tok: ([path], tok, {"group_field": "domain"}), "no column 'domain'"),
+])
+def test_corpus_errors_name_the_field(tmp_path, change, message):
+    path = corpus(tmp_path, rows())
+    tok = train_tokenizer([path], tmp_path / "tok", vocab_size=300)
+    files, tokenizer, params = change(tmp_path, path, tok)
+    with pytest.raises(CapshapeError, match=message) as info:
+        prepare_data(config_for(tmp_path, files, tokenizer, **params), 0)
+    assert "\n" not in str(info.value)
+
+
+def test_the_shipped_corpus_config_builds_offline():
+    with open("configs/corpus_tiny.toml", "rb") as handle:
+        config = build_config(tomllib.load(handle))
+    data = prepare_data(config, 0)
+    assert [d.task.name for d in data.data] == ["arithmetic", "code", "stories"]
+    assert all(d.train.inputs.shape[1] == 64 and len(d.held_out.inputs) > 0 for d in data.data)
+    assert data.suite.input_spec.vocab_size == 300
+
+
+def test_tokenizer_train_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from capshape.cli import app
+    path = corpus(tmp_path, rows())
+    result = CliRunner().invoke(app, ["tokenizer", "train", str(path), "--out", str(tmp_path / "tok"), "--vocab-size", "280"])
+    assert result.exit_code == 0, result.output
+    assert load_tokenizer(tmp_path / "tok").eos_token == "<eos>"
+    bad = CliRunner().invoke(app, ["tokenizer", "train", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "t2")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output and "Traceback" not in bad.output

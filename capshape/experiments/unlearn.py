@@ -529,13 +529,13 @@ def run(config: UnlearnConfig, out: Path, runtime: Runtime) -> dict:
 
 # ---- summary ---------------------------------------------------------------------------------------
 
-SIDES = (("forget", "loss"), ("forget", "accuracy"), ("retain", "loss"), ("retain", "accuracy"))
+KEYS = ("loss", "accuracy")
+SIDES = tuple((side, key) for side in ("forget", "retain") for key in KEYS)
 
 
 def over_seeds(measurements: list[dict]) -> dict:
     """{side: {key: t-interval over seeds}} of stage measurements (one per seed)."""
-    return {side: {key: t_interval([m[side][key] for m in measurements]) for s, key in SIDES if s == side}
-            for side in ("forget", "retain")}
+    return {side: {key: t_interval([m[side][key] for m in measurements]) for key in KEYS} for side in ("forget", "retain")}
 
 
 def method_summary(results: dict, method: str, seeds: list[int]) -> dict:
@@ -548,7 +548,7 @@ def method_summary(results: dict, method: str, seeds: list[int]) -> dict:
               for base in ("plain", "filter") if base in results}
     extras = {k: [r[k] for r in per_seed] for k in ("selection", "steering_norm", "reserved_dimensions") if k in per_seed[0]}
     return {"stages": stages, **paired, **extras,
-            "per_seed": {str(s): {stage: {side: {key: m[side][key] for _, key in SIDES[:2]} for side in ("forget", "retain")}
+            "per_seed": {str(s): {stage: {side: {key: m[side][key] for key in KEYS} for side in ("forget", "retain")}
                                   | {"tasks": m["tasks"]} for stage, m in r["stages"].items()} for s, r in zip(seeds, per_seed)}}
 
 

@@ -1,7 +1,8 @@
-"""Writes the tiny corpus and tokenizer that configs/corpus_tiny.toml ships with (configs/corpus_tiny/):
-procedurally generated documents in three groups (arithmetic facts, short stories, small Python
-functions), then a byte-level BPE tokenizer trained on them. Deterministic: rerunning rewrites the same
-files. `python scripts/make_corpus_fixture.py`"""
+"""Writes the tiny corpus, probe set and tokenizer that configs/corpus_tiny.toml ships with
+(configs/corpus_tiny/): procedurally generated documents in three groups (arithmetic facts, short
+stories, small Python functions), prompt -> target probes of each group's regularity (the sum, the found
+object, the operator), then a byte-level BPE tokenizer trained on the documents. Deterministic:
+rerunning rewrites the same files. `python scripts/make_corpus_fixture.py`"""
 import json
 import random
 from pathlib import Path
@@ -41,6 +42,21 @@ def code(rng: random.Random) -> str:
     return "\n".join(body)
 
 
+def probes(rng: random.Random) -> list[dict]:
+    rows = []
+    for _ in range(40):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        word, fn = rng.choice(OPS)
+        rows.append({"prompt": f"{a} {word} {b} is", "target": f" {fn(a, b)}.", "group": "arithmetic"})
+        name, other, thing = rng.choice(NAMES), rng.choice(NAMES), rng.choice(THINGS)
+        rows.append({"prompt": f"{name} found a {rng.choice(COLOURS)} {thing} in the {rng.choice(PLACES)}. {name} showed the",
+                     "target": f" {thing}", "group": "stories"})
+        func, op = rng.choice(FUNCS)
+        x, y = rng.sample("abxyzn", 2)
+        rows.append({"prompt": f"def {func}({x}, {y}):\n    return {x}", "target": f" {op} {y}", "group": "code"})
+    return rows
+
+
 def main() -> None:
     rng = random.Random(0)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -49,8 +65,10 @@ def main() -> None:
     rng.shuffle(rows)
     corpus = OUT / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    probe_file = OUT / "probes.jsonl"
+    probe_file.write_text("".join(json.dumps(row) + "\n" for row in probes(random.Random(1))))
     train_tokenizer([corpus], OUT / "tokenizer", vocab_size=300)
-    print(f"wrote {corpus} ({len(rows)} documents) and {OUT / 'tokenizer'}")
+    print(f"wrote {corpus} ({len(rows)} documents), {probe_file} and {OUT / 'tokenizer'}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def test_the_shipped_corpus_config_builds_offline():
     with open("configs/corpus_tiny.toml", "rb") as handle:
         config = build_config(tomllib.load(handle))
     data = prepare_data(config, 0)
-    assert [d.task.name for d in data.data] == ["arithmetic", "code", "stories"]
+    assert [d.task.name for d in data.data] == ["arithmetic", "code", "stories", "arithmetic/probe", "code/probe",
+                                                "stories/probe"]
+    assert data.suite.trained == [True] * 3 + [False] * 3
     assert all(d.train.inputs.shape[1] == 64 and len(d.held_out.inputs) > 0 for d in data.data)
     assert data.suite.input_spec.vocab_size == 300
 
@@ -109,3 +111,23 @@ def test_tokenizer_train_through_the_cli(tmp_path):
     assert load_tokenizer(tmp_path / "tok").eos_token == "<eos>"
     bad = CliRunner().invoke(app, ["tokenizer", "train", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "t2")])
     assert bad.exit_code == 2 and "does not exist" in bad.output and "Traceback" not in bad.output
+
+
+def test_probes_put_labels_on_the_target_tokens_only(tmp_path):
+    path = corpus(tmp_path, rows())
+    tok_dir = train_tokenizer([path], tmp_path / "tok", vocab_size=300)
+    tokenizer = load_tokenizer(tok_dir)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "apple number", "target": " 3 is here.", "group": "alpha"}) + "\n")
+    data = prepare_data(config_for(tmp_path, [path], tok_dir, probes=[str(probes)]), 0)
+    probe = next(d for d in data.data if d.task.name == "alpha/probe")
+    prompt = tokenizer("apple number", add_special_tokens=False)["input_ids"]
+    target = tokenizer(" 3 is here.", add_special_tokens=False)["input_ids"]
+    labels, inputs = probe.held_out.labels[0], probe.held_out.inputs[0]
+    assert labels[labels != IGNORE].tolist() == target
+    first = len(prompt) - 1  # the prompt's last token predicts the target's first
+    assert inputs[:first + 1].tolist() == prompt and labels[first].item() == target[0]
+    assert probe.held_out.targets == [" 3 is here."]
+    probes.write_text("{not json}\n")
+    with pytest.raises(CapshapeError, match="line 1 is not a JSON object"):
+        prepare_data(config_for(tmp_path, [path], tok_dir, probes=[str(probes)]), 0)

@@ -500,6 +500,7 @@ def test_tiny_unlearn_end_to_end_with_report_and_resume(tmp_path):
     assert undo["min_loss_vs_base"]["diff"] == pytest.approx(np.mean(undo["min_loss_per_seed"]) - np.mean(base["min_loss_per_seed"]))
     assert summary["relearn"]["filter"]["by_size"]["1"]["min_loss_vs_filter"]["diff"] == 0.0
     assert summary["partial"]["unlabelled"] == [0.0, 0.5] and set(summary["partial"]["methods"]) == set(methods[1:])
+    assert summary["partial"]["vs_filter"]["era"][0]["forget_loss"] == summary["methods"]["era"]["vs_filter"]["forget_loss"]
     assert summary["tradeoff"]["sgtm"]["forget_loss_after_attack"] == summary["relearn"]["sgtm"]["by_size"]["2"]["min_loss"]
     assert summary["compute"]["cpu_minutes"] > 0 and summary["compute"]["training_seconds"]["undo"]["mean"] > 0
     assert set(summary["digits"]["routed"]["errors"]) == {"autoencoder", "certificate_first", "certificate_second"}

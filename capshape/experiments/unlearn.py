@@ -464,21 +464,23 @@ def relearn_path(out: Path, method: str, seed: int) -> Path:
 def method_cell(config: UnlearnConfig, out: Path, method: str, seed: int, unlabelled: float = 0.0,
                 device: str = "cpu", on_progress=None) -> None:
     """One method's training and measurement for one seed and unlabelled share, stored as result.json."""
-    setup = UnlearnSetup(config, out, seed, device)
     directory = method_dir(out, method, seed, unlabelled)
-    cached(directory / "result.json",
-           lambda: METHODS[method].run(setup, directory, CellProgress(on_progress), 1.0 - unlabelled))
+    cached(directory / "result.json", lambda: METHODS[method].run(UnlearnSetup(config, out, seed, device), directory,
+                                                                  CellProgress(on_progress), 1.0 - unlabelled))
 
 
 def relearn_cell(config: UnlearnConfig, out: Path, method: str, seed: int, device: str = "cpu", on_progress=None) -> None:
     """The relearning attacks on one method's final model of one seed; recovery is measured against the plain
     model of the same seed."""
-    setup = UnlearnSetup(config, out, seed, device)
     r = config.unlearn.relearn
-    cached(relearn_path(out, method, seed), lambda: run_relearning(
-        pretrain_config(config), setup.forget, setup.model_of(method), setup.load(setup.plain_model()),
-        relearn_path(out, method, seed).with_suffix(""), r.sizes, r.seeds, r.steps, r.lr, r.batch_size, r.recover,
-        CellProgress(on_progress)))
+
+    def attack() -> dict:
+        setup = UnlearnSetup(config, out, seed, device)
+        return run_relearning(pretrain_config(config), setup.forget, setup.model_of(method), setup.load(setup.plain_model()),
+                              relearn_path(out, method, seed).with_suffix(""), r.sizes, r.seeds, r.steps, r.lr,
+                              r.batch_size, r.recover, CellProgress(on_progress))
+
+    cached(relearn_path(out, method, seed), attack)
 
 
 def digits_cell(config: UnlearnConfig, out: Path, device: str = "cpu", on_progress=None) -> None:
@@ -580,12 +582,18 @@ def attack_summary(attacks: dict[int, dict], budget: int) -> dict:
 
 def sweep_summary(config: UnlearnConfig, out: Path, results: dict) -> dict:
     """Final forget and retain figures per method and unlabelled share (share 0: the main runs; filter at
-    share 1 is the plain model), intervals over seeds."""
-    shares = [0.0, *sorted(config.unlearn.unlabelled)]
+    share 1 is the plain model), intervals over seeds, and differences from filter at the same share,
+    paired by seed."""
+    shares, seeds = [0.0, *sorted(config.unlearn.unlabelled)], config.seeds
     final = lambda m, s, share: (results[m][s] if share == 0 else results["plain"][s] if m == "filter" and share == 1
                                  else read_json(method_dir(out, m, s, share) / "result.json"))["stages"]["final"]
-    return {"unlabelled": shares, "methods": {m: [over_seeds([final(m, s, share) for s in config.seeds]) for share in shares]
-                                              for m in config.unlearn.methods}}
+    vs_filter = lambda m, share: {f"{side}_loss": paired_difference([(final(m, s, share)[side]["loss"],
+                                                                      final("filter", s, share)[side]["loss"]) for s in seeds])
+                                  for side in ("forget", "retain")}
+    methods = config.unlearn.methods
+    return {"unlabelled": shares,
+            "methods": {m: [over_seeds([final(m, s, share) for s in seeds]) for share in shares] for m in methods},
+            "vs_filter": {m: [vs_filter(m, share) for share in shares] for m in methods if "filter" in methods and m != "filter"}}
 
 
 def summarize(config: UnlearnConfig, out: Path, wall: float) -> dict:

@@ -100,7 +100,9 @@ def task_grid(experiment: Experiment, metric: str, ylabel: str):
 def perplexity_figure(experiment: Experiment):
     """Held-out perplexity exp(loss) per group (the corpus suite's continuous metric), one line per objective."""
     curve = lambda task: lambda run: {step: math.exp(loss) for step, loss in run.eval_curve(task, "loss").items()}
-    return grid_figure({task: objective_lines(experiment, curve(task)) for task in experiment.tasks}, "held-out perplexity")
+    groups = [task for task in experiment.tasks if any(task in run.summary.get("suite_metrics", {}).get("perplexity", {})
+                                                      for run in experiment.runs)]
+    return grid_figure({task: objective_lines(experiment, curve(task)) for task in groups}, "held-out perplexity")
 
 
 def probe_names(experiment: Experiment) -> list[str]:

@@ -186,10 +186,12 @@ def relearn_table(summary: dict) -> str:
 
 def partial_table(summary: dict) -> str:
     sweep = summary["partial"]
+    vs_filter = sweep.get("vs_filter", {})
+    paired = lambda method, i: interval(vs_filter[method][i]["forget_loss"]) if method in vs_filter else "—"
     rows = [[escape(method), number(share), interval(m["forget"]["loss"]), interval(m["forget"]["accuracy"]),
-             interval(m["retain"]["loss"])]
-            for method, per_share in sweep["methods"].items() for share, m in zip(sweep["unlabelled"], per_share)]
-    return table(["method", "unlabelled", "forget loss", "forget acc", "retain loss"], rows)
+             interval(m["retain"]["loss"]), paired(method, i)]
+            for method, per_share in sweep["methods"].items() for i, (share, m) in enumerate(zip(sweep["unlabelled"], per_share))]
+    return table(["method", "unlabelled", "forget loss", "forget acc", "retain loss", "forget loss − filter's (paired)"], rows)
 
 
 def compute_table(summary: dict) -> str:

@@ -10,7 +10,9 @@ a Hugging Face tokenizer from a local directory, packed into fixed-length sequen
 
 Each group is one task (its name), so every objective, the per-group evaluation and the verdict work
 unchanged: the held-out loss per group is the continuous metric (perplexity = exp(loss), in the run's
-suite metrics); exact match of a whole packed sequence is not meaningful and stays near zero.
+suite metrics); exact match of a whole packed sequence is not meaningful and stays near zero. Probe sets
+(`probes`) add the discontinuous metric: prompt → target pairs, evaluated only, exact match of every
+target token (teacher-forced argmax, which equals greedy decoding whenever the whole target is right).
 Documents are tokenized, followed by the tokenizer's EOS, and packed by `pack_documents` into rows of
 model.max_len inputs whose labels are the next tokens. A row here holds one group's documents (capshape's
 objectives weigh examples); `pack_documents` also packs across groups with per-token group ids (the
@@ -19,6 +21,7 @@ downloaded: files and tokenizer are local, loaded with local_files_only.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -40,6 +43,8 @@ class CorpusParams(SuiteParams):
     text_field: str = Field("text", description="The column holding a document's text.")
     group_field: str = Field("group", description="The column holding a document's group (its capability label).")
     held_out: float = Field(0.1, gt=0, lt=1, description="Share of each group's documents held out (at least one).")
+    probes: list[Path] = Field([], description="Local JSONL files of {prompt, target, group} probes: evaluated only, "
+                               "one task '<group>/probe' per group, scored by exact match of the target's tokens.")
 
 
 def load_documents(files: list[Path], text_field: str = "text", group_field: str = "group") -> list[tuple[str, str]]:
@@ -112,6 +117,40 @@ def pack_documents(documents: list[list[int]], groups: list[int], length: int, p
     return inputs.view(shape), labels.view(shape), token_groups.view(shape)
 
 
+def load_probes(path: Path, tokenizer, max_len: int) -> dict[str, Split]:
+    """One Split per group of a {prompt, target, group} JSONL file: labels only on the target tokens."""
+    if not Path(path).is_file():
+        raise CapshapeError(f"data.suite_params.probes: {str(path)!r} does not exist: point it at a local JSONL file.")
+    pairs: dict[str, list[tuple[list[int], list[int]]]] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompt, target, group = (str(record[k]) for k in ("prompt", "target", "group"))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CapshapeError(f"data.suite_params.probes: {Path(path).name} line {number} is not a JSON object with "
+                                f"prompt, target and group.") from None
+        ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt_ids, target_ids = ids(prompt), ids(target)
+        if not target_ids or len(prompt_ids) + len(target_ids) > max_len + 1:
+            raise CapshapeError(f"data.suite_params.probes: {Path(path).name} line {number} needs "
+                                f"{len(prompt_ids) + len(target_ids)} tokens, more than model.max_len + 1 = {max_len + 1} "
+                                f"(or has an empty target): shorten it or raise model.max_len.")
+        pairs.setdefault(group, []).append((prompt_ids, target_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    splits = {}
+    for group, rows in sorted(pairs.items()):
+        inputs = torch.full((len(rows), max_len), pad, dtype=torch.long)
+        labels = torch.full((len(rows), max_len), IGNORE, dtype=torch.long)
+        for row, (prompt_ids, target_ids) in enumerate(rows):
+            sequence = prompt_ids + target_ids
+            inputs[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
+            labels[row, len(prompt_ids) - 1:len(sequence) - 1] = torch.tensor(target_ids)
+        splits[group] = Split([tokenizer.decode(p) for p, _ in rows], [tokenizer.decode(t) for _, t in rows], inputs, labels)
+    return splits
+
+
 class CorpusSuite(Suite):
     Params = CorpusParams
 
@@ -140,11 +179,19 @@ class CorpusSuite(Suite):
             task = Task(name, name, tag="", sample_input=None, solve=None,
                         description=f"{len(documents)} documents ({held} held out)", decode=decode)
             data.append(TaskData(task, *splits))
-        return SuiteData(data, [True] * len(data), InputSpec("tokens", vocab_size=len(tokenizer)))
+        trained = [True] * len(data)
+        for path in params.probes:
+            for group, split in load_probes(path, tokenizer, max_len).items():
+                probe = Task(f"{group}/probe", group, tag="", sample_input=None, solve=None,
+                             description=f"{len(split.targets)} probes from {Path(path).name}", decode=decode)
+                data.append(TaskData(probe, split, split))
+                trained.append(False)
+        return SuiteData(data, trained, InputSpec("tokens", vocab_size=len(tokenizer)))
 
     def summary_extras(self, rows: list[dict]) -> dict:
-        """Held-out perplexity per group, exp(loss), at the last evaluation."""
-        return {"perplexity": {task: float(torch.tensor(stats["loss"]).exp()) for task, stats in rows[-1]["eval"].items()}}
+        """Held-out perplexity per group, exp(loss), at the last evaluation (probe sets are not text)."""
+        return {"perplexity": {task: float(torch.tensor(stats["loss"]).exp()) for task, stats in rows[-1]["eval"].items()
+                               if not task.endswith("/probe")}}
 
 
 SUITES.add("corpus", CorpusSuite())

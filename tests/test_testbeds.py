@@ -257,8 +257,8 @@ def _attention_only():
 
 def test_attention_only_sites_shapes_and_last_position_readout():
     model = _attention_only()
-    assert set(model.sites) == {"embed", "layers.0.attn_out", "layers.0.resid_post", "layers.1.attn_out",
-                                "layers.1.resid_post", "readout.hidden"}
+    assert set(model.sites) == {"embed", "layers.0.attn.z", "layers.0.attn_out", "layers.0.resid_post", "layers.1.attn.z",
+                                "layers.1.attn_out", "layers.1.resid_post", "readout.hidden"}
     assert not any("mlp" in name for name, _ in model.named_modules())
     x = torch.randn(4, 7, 5)
     seen = {}

@@ -7,7 +7,7 @@ classification task"): attention blocks without MLPs, then an MLP readout at the
 
 Only the readout has an MLP, so whatever the model does with the context (e.g. copy the label of a
 matching item, an induction-head-like circuit) has to happen in attention.
-Sites: `embed`, `layers.i.attn_out`, `layers.i.resid_post`, `readout.hidden`.
+Sites: `embed`, `layers.i.attn.z` (head outputs), `layers.i.attn_out`, `layers.i.resid_post`, `readout.hidden`.
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ from capshape.experiments.relearn import run_relearning
 from capshape.experiments.unlearn_hooks import RMU, GradientAscentLosses, KeepBest, filter_hooks, mix_with
 from capshape.metrics.stats import paired_difference, t_interval
 from capshape.models import build_model
-from capshape.report.unlearn import unlearn_report
+from capshape.report.unlearn import interval, unlearn_report
 from capshape.routing import Routes, contract_mlp
 from capshape.routing.era import FORGET, RETAIN, RoutingSection
 from capshape.routing.moe import MoESection
@@ -633,29 +633,21 @@ def summarize(config: UnlearnConfig, out: Path, wall: float) -> dict:
                         "stages": seconds, "wall_this_invocation": wall}}
 
 
-def interval_text(interval: dict, digits: int = 2) -> str:
-    if interval["low"] is None:
-        return f"{interval['mean']:.{digits}f}"
-    return f"{interval['mean']:.{digits}f} [{interval['low']:.{digits}f}, {interval['high']:.{digits}f}]"
-
-
 def headline(summary: dict) -> list:
     lines = [f"over seeds {summary['seeds']} (mean [95% t-interval]); attack: n = {summary['relearn_setup']['tradeoff_size']}, "
              f"{summary['relearn_setup']['budget']} steps"]
     for method, stats in summary["methods"].items():
         final = stats["stages"]["final"]
         attack = summary["relearn"][method]["by_size"][str(summary["relearn_setup"]["tradeoff_size"])]
-        tax = stats.get("vs_plain", {}).get("retain_loss", {})
-        lines.append(f"{method:>16}: forget loss {interval_text(final['forget']['loss'])}, retain loss "
-                     f"{interval_text(final['retain']['loss'])}"
-                     + (f" (vs plain {tax['diff']:+.3f} [{tax['low']:+.3f}, {tax['high']:+.3f}])"
-                        if method != "plain" and tax.get("low") is not None else "")
-                     + f"; attacked: min forget loss {interval_text(attack['min_loss'])}, recovered "
+        tax = stats["vs_plain"]["retain_loss"]
+        lines.append(f"{method:>16}: forget loss {interval(final['forget']['loss'])}, retain loss "
+                     f"{interval(final['retain']['loss'])}" + (f" (vs plain {interval(tax)})" if method != "plain" else "")
+                     + f"; attacked: min forget loss {interval(attack['min_loss'])}, recovered "
                        f"{attack['recovered']}/{attack['runs']}")
     if summary.get("moe_icl"):
         icl = summary["moe_icl"]
-        lines += [f"{'icl, ' + task[4:]:>16}: dense {interval_text(icl['accuracy']['dense'][task])}, moe "
-                  f"{interval_text(icl['accuracy']['moe'][task])}, moe − dense {icl['moe_minus_dense'][task]['diff']:+.3f}"
+        lines += [f"{'icl, ' + task[4:]:>16}: dense {interval(icl['accuracy']['dense'][task])}, moe "
+                  f"{interval(icl['accuracy']['moe'][task])}, moe − dense {interval(icl['moe_minus_dense'][task])}"
                   for task in icl["moe_minus_dense"]]
     return lines
 

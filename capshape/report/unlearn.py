@@ -10,7 +10,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from capshape.report.html import image, number, page, section
+from capshape.report.html import image, interval_text, number, page, section
 from capshape.report.plots import Series, grid_figure, png_bytes
 
 SIDES = {"forget loss": ("forget", "loss"), "forget accuracy": ("forget", "accuracy"),
@@ -22,12 +22,11 @@ def color(summary: dict, method: str) -> str:
     return f"C{list(summary['methods']).index(method) % 10}"
 
 
-def interval(stat: dict) -> str:
-    """mean [low, high], or the mean alone with one seed."""
-    if stat is None or stat.get("mean", stat.get("diff")) is None:
+def interval(stat) -> str:
+    """A t-interval or a paired difference (its `diff` is the mean) as `mean [low, high]`; — for none."""
+    if stat is None:
         return "—"
-    mean = stat.get("mean", stat.get("diff"))
-    return number(mean) if stat["low"] is None else f"{number(mean)} [{number(stat['low'])}, {number(stat['high'])}]"
+    return interval_text(stat if "mean" in stat else {**stat, "mean": stat["diff"]})
 
 
 def error_bar(ax, x: float, y: float, stat: dict, **style) -> None:

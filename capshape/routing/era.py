@@ -26,6 +26,14 @@ RETAIN, FORGET = 0, 1  # route ids: retain is the default route
 EXPANDABLE = ("transformer", "hf", "hf_gpt2")  # model kinds whose MLPs expand_mlp can widen
 
 
+def check_blocks(blocks: Optional[list[int]], model: ModelConfig, field: str) -> None:
+    """Raises CapshapeError, naming `field`.blocks, when a listed block is not in the model."""
+    bad = [b for b in blocks or [] if not 0 <= b < model.n_layer]
+    if bad:
+        raise CapshapeError(f"{field}.blocks: block {bad[0]} does not exist (model.n_layer = {model.n_layer}): "
+                            f"use 0..{model.n_layer - 1}.")
+
+
 class MaskValues(Section):
     original: float = Field(description="Mask on the MLP's original units (1: gradient passes, 0: stopped, <0: flipped).")
     expanded: float = Field(description="Mask on the added units.")
@@ -55,10 +63,7 @@ class RoutingSection(Section):
         if self.route_parameters and model.kind != "transformer":
             raise CapshapeError(f"{field}.route_parameters: parameter routing names capshape's own transformer's "
                                 f"parameters: set model.kind='transformer' or route_parameters=false.")
-        bad = [b for b in self.blocks or [] if not 0 <= b < model.n_layer]
-        if bad:
-            raise CapshapeError(f"{field}.blocks: block {bad[0]} does not exist (model.n_layer = {model.n_layer}): "
-                                f"use 0..{model.n_layer - 1}.")
+        check_blocks(self.blocks, model, field)
 
     def expand(self, model, seed: int) -> Expansion:
         """Adds the routed units to `model`'s MLPs, in place."""

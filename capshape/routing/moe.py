@@ -15,7 +15,7 @@ from pydantic import Field
 
 from capshape.config import ModelConfig, Section
 from capshape.errors import CapshapeError
-from capshape.routing.era import EXPANDABLE
+from capshape.routing.era import EXPANDABLE, check_blocks
 from capshape.routing.expand import Expansion, expand_mlp, mlp_width
 from capshape.routing.masks import ForwardMasks, Routes
 
@@ -28,10 +28,7 @@ class MoESection(Section):
     def check(self, model: ModelConfig, field: str) -> None:
         if model.kind not in EXPANDABLE:
             raise CapshapeError(f"{field}: experts widen transformer MLPs: set model.kind to one of {', '.join(EXPANDABLE)}.")
-        bad = [b for b in self.blocks or [] if not 0 <= b < model.n_layer]
-        if bad:
-            raise CapshapeError(f"{field}.blocks: block {bad[0]} does not exist (model.n_layer = {model.n_layer}): "
-                                f"use 0..{model.n_layer - 1}.")
+        check_blocks(self.blocks, model, field)
 
     def expand(self, model, seed: int) -> Expansion:
         units = self.expert_units or mlp_width(model, 0)

@@ -26,7 +26,7 @@ from pydantic import Field
 from capshape.config import ModelConfig, Section
 from capshape.errors import CapshapeError
 from capshape.models import cross_entropy_losses
-from capshape.routing.era import FORGET, RETAIN, RoutedStep
+from capshape.routing.era import FORGET, RETAIN, RoutedStep, check_blocks
 from capshape.routing.masks import ForwardMasks, Routes, example_hash
 from capshape.routing.parameters import ParameterRouter, Spec
 from capshape.tasks import Batch
@@ -46,10 +46,7 @@ class SGTMSection(Section):
     def check(self, model: ModelConfig, field: str) -> None:
         if model.kind != "transformer":
             raise CapshapeError(f"{field}: SGTM reserves transformer units and heads: set model.kind='transformer'.")
-        bad = [b for b in self.blocks or [] if not 0 <= b < model.n_layer]
-        if bad:
-            raise CapshapeError(f"{field}.blocks: block {bad[0]} does not exist (model.n_layer = {model.n_layer}): "
-                                f"use 0..{model.n_layer - 1}.")
+        check_blocks(self.blocks, model, field)
         if not 0 < self.mlp_units + self.heads:
             raise CapshapeError(f"{field}: reserve at least one MLP unit or head (mlp_units, heads).")
         if self.mlp_units >= model.d_mlp:

@@ -117,6 +117,11 @@ def pack_documents(documents: list[list[int]], groups: list[int], length: int, p
     return inputs.view(shape), labels.view(shape), token_groups.view(shape)
 
 
+def pad_id(tokenizer) -> int:
+    """The tokenizer's padding id, else its EOS (padding never carries a label)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_probes(path: Path, tokenizer, max_len: int) -> dict[str, Split]:
     """One Split per group of a {prompt, target, group} JSONL file: labels only on the target tokens."""
     if not Path(path).is_file():
@@ -138,7 +143,7 @@ def load_probes(path: Path, tokenizer, max_len: int) -> dict[str, Split]:
                                 f"{len(prompt_ids) + len(target_ids)} tokens, more than model.max_len + 1 = {max_len + 1} "
                                 f"(or has an empty target): shorten it or raise model.max_len.")
         pairs.setdefault(group, []).append((prompt_ids, target_ids))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     splits = {}
     for group, rows in sorted(pairs.items()):
         inputs = torch.full((len(rows), max_len), pad, dtype=torch.long)
@@ -160,7 +165,7 @@ class CorpusSuite(Suite):
         for text, group in load_documents(params.files, params.text_field, params.group_field):
             by_group.setdefault(group, []).append(tokenizer(text, add_special_tokens=False)["input_ids"]
                                                   + [tokenizer.eos_token_id])
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         decode = lambda ids: tokenizer.decode(ids)
         data = []
         for name, documents in sorted(by_group.items()):

@@ -64,11 +64,21 @@ def _run_protocol(name: str, config_path: Path, overrides: list[str], out: Path,
 
 
 def _runtime(resume: bool, device: str, executor: str, ray_address: Optional[str], retries: int,
-             workers: Optional[int]):
+             workers: Optional[int], log: Optional[List[str]] = None):
     from capshape.experiments import Runtime
 
+    _stream_to(log or [])
     return Runtime(device=device, executor=executor, address=ray_address, retries=retries, resume=resume,
                    workers=workers)
+
+
+def _stream_to(trackers: List[str]) -> None:
+    """--log: checked now, then handed to every run (worker processes inherit the environment)."""
+    import os
+
+    from capshape.train.tracking import ENVIRONMENT, check_trackers
+
+    os.environ[ENVIRONMENT] = ",".join(check_trackers(trackers))
 
 
 # The runtime options, the same on every protocol command (and the demo).
@@ -79,6 +89,8 @@ RAY_ADDRESS = typer.Option(None, help="Ray cluster to join, e.g. auto or ray://h
 RETRIES = typer.Option(1, min=0, help="Times a failed cell is retried (resuming its checkpoint) before it is reported.")
 WORKERS = typer.Option(None, min=1, help="Cells trained at once (default: the config's workers).")
 SET = typer.Option(None, "--set", help="Override a field, e.g. --set train.steps=500.")
+LOG = typer.Option(None, "--log", help="Also stream every run's metrics to tensorboard, wandb (offline) or mlflow "
+                   "(a local store in the run directory); repeatable. The run store stays the source of truth.")
 
 
 def _protocol_command(name: str, help_text: str, aliases: tuple[str, ...] = ()) -> None:
@@ -89,9 +101,9 @@ def _protocol_command(name: str, help_text: str, aliases: tuple[str, ...] = ()) 
         set_: Optional[List[str]] = SET,
         out: Path = typer.Option(Path(f"runs/{name}"), "--out", help="Output directory."),
         resume: bool = RESUME, device: str = DEVICE, executor: str = EXECUTOR, ray_address: Optional[str] = RAY_ADDRESS,
-        retries: int = RETRIES, workers: Optional[int] = WORKERS,
+        retries: int = RETRIES, workers: Optional[int] = WORKERS, log: Optional[List[str]] = LOG,
     ):
-        _run_protocol(name, config, set_ or [], out, _runtime(resume, device, executor, ray_address, retries, workers))
+        _run_protocol(name, config, set_ or [], out, _runtime(resume, device, executor, ray_address, retries, workers, log))
 
     app.command(name, help=help_text)(user_errors(command))
     for alias in aliases:  # a former name, kept working but out of --help
@@ -115,14 +127,14 @@ def demo(
     suite: str = typer.Option("text", help="text (character tasks, Zipfian mixture) or sparse_parity (Michaud et al. 2023)."),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output directory."),
     resume: bool = RESUME, device: str = DEVICE, executor: str = EXECUTOR, ray_address: Optional[str] = RAY_ADDRESS,
-    retries: int = RETRIES, workers: Optional[int] = WORKERS,
+    retries: int = RETRIES, workers: Optional[int] = WORKERS, log: Optional[List[str]] = LOG,
 ):
     """`compare` on the demo config: mean vs stratified, grouped, group_dro and doremi over 3 seeds."""
     if suite not in DEMO_CONFIGS:
         raise CapshapeError(f"--suite {suite!r} has no demo: use one of {', '.join(DEMO_CONFIGS)}.")
     overrides = [] if steps is None else [f"train.steps={steps}"]
     _run_protocol("compare", DEMO_CONFIGS[suite], overrides, out,
-                  _runtime(resume, device, executor, ray_address, retries, workers))
+                  _runtime(resume, device, executor, ray_address, retries, workers, log))
 
 
 @app.command("train-ddp")
@@ -135,6 +147,7 @@ def train_ddp(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a field, e.g. --set train.steps=500."),
     device: str = typer.Option("auto", help="auto, cpu (gloo) or cuda (NCCL, one GPU per rank)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
+    log: Optional[List[str]] = LOG,
 ):
     """One run, data-parallel over the processes torchrun starts:
     torchrun --nproc_per_node 2 -m capshape train-ddp CONFIG --objective grouped --out DIR.
@@ -148,6 +161,7 @@ def train_ddp(
 
     spec = RunSpec.of(load_config(config, set_ or []), objective, seed)
     check_config(spec.config)
+    _stream_to(log or [])
     if resume and not (out / "config.json").exists():
         raise CapshapeError(f"--resume: {out} holds no run to resume: drop --resume to start one there.")
     device = init_distributed(device)

@@ -36,6 +36,7 @@ from capshape.train.checkpoint import load_checkpoint, load_model, read_tensors,
 from capshape.train.evaluate import evaluate
 from capshape.train.parallel import autocast, data_parallel, resolve_device, shard_batch
 from capshape.train.summary import UNGROUPED, summarize_run
+from capshape.train.tracking import open_trackers, trackers_from_environment
 
 ProgressFn = Callable[[int, float], None]
 
@@ -259,7 +260,12 @@ def _train(run: RunDir, spec: RunSpec, runtime: TrainRuntime) -> dict:
     if main:  # one entry per process that trained a segment of the run: a resume may differ in threads or commit
         earlier = read_json(run.provenance_path) if start and run.provenance_path.exists() else []
         write_json(run.provenance_path, earlier + [{"from_step": start, **provenance(device)}])
-    _loop(run, config, training, spec.hooks or StepHooks(), runtime, start, running, measured)
+    trackers = open_trackers(trackers_from_environment(), run.path, run.path.name, config.model_dump(mode="json")) if main else []
+    try:
+        _loop(run, config, training, spec.hooks or StepHooks(), runtime, start, running, measured, trackers)
+    finally:
+        for tracker in trackers:
+            tracker.close()
     if not main:
         return {}
     prepared, sampler = training.data, training.sampler
@@ -316,8 +322,9 @@ def training_step(step: int, config: RunConfig, model, objective: Objective, opt
 
 
 def _loop(run: RunDir, config: RunConfig, training: Training, hooks: StepHooks, runtime: TrainRuntime, start: int,
-          running: Optional[dict], measured: set[int]) -> None:
-    """Steps `start`..steps: evaluation rows, checkpoints and snapshots on their schedule (rank 0)."""
+          running: Optional[dict], measured: set[int], trackers: list = ()) -> None:
+    """Steps `start`..steps: evaluation rows (mirrored to `trackers`), checkpoints and snapshots on their
+    schedule (rank 0)."""
     model, objective, optimizer, sampler, prepared = (training.model, training.objective, training.optimizer,
                                                       training.sampler, training.data)
     steps, train, device, on_progress = config.train.steps, config.train, runtime.device, runtime.on_progress
@@ -344,6 +351,8 @@ def _loop(run: RunDir, config: RunConfig, training: Training, hooks: StepHooks, 
                     row["train"] = {k: totals[k] / totals["count"] for k in ("loss", "objective", "grad_norm")}
                     row["train"].update(lr=learning_rate(step - 1, config), skipped_steps=totals["skipped"])
                 run.append_metrics(row)
+                for tracker in trackers:
+                    tracker.log(row)
                 run.heartbeat(step)
                 totals = dict.fromkeys(totals, 0.0)
             if step > start and (step % train.checkpoint_every == 0 or step == steps):

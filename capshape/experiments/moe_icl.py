@@ -15,6 +15,7 @@ periodic evaluation runs the MoE model without masks and is not used.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -85,10 +86,7 @@ def train_pair(section: MoEICLSection, directory: Path, seed: int, device: str =
                   TrainRuntime(device, resume=True, on_progress=progress(arm, section.steps)))
         load_model(run / "model.safetensors", model)
         model = model.cpu()
-        if arm == "moe":
-            with masks.fixed(model, MIXTURE):
-                measured = evaluate(model, data, "cpu")
-        else:
+        with masks.fixed(model, MIXTURE) if arm == "moe" else nullcontext():
             measured = evaluate(model, data, "cpu")
         result[arm] = {task: measured[task]["accuracy"] for task in MEASURED}
     result["seconds"] = time.perf_counter() - started

@@ -112,7 +112,8 @@ class HFCausalLM(SiteModel):
                                 f"{', '.join(sorted(FAMILIES))} (or add its module paths to capshape.models.hf.FAMILIES).")
         positions = getattr(hf_config, "max_position_embeddings", None)
         if hf_config.vocab_size != vocab_size or (positions is not None and positions < cfg.max_len):
-            raise CapshapeError(f"model.hf_path: the model has vocab_size={hf_config.vocab_size} and {positions} "
+            raise CapshapeError(f"model.{'hf_path' if cfg.hf_path is not None else 'hf_config'}: the model has "
+                                f"vocab_size={hf_config.vocab_size} and {positions} "
                                 f"positions; capshape's tokenizer needs vocab_size={vocab_size} and "
                                 f"model.max_len={cfg.max_len} positions.")
         self.family = family

@@ -76,6 +76,30 @@ def test_the_suite_holds_out_whole_documents_per_group_and_trains(tmp_path):
     assert all(p > 1 for p in summary["suite_metrics"]["perplexity"].values())
 
 
+def test_protocols_choose_groups_by_name_with_the_same_held_out_documents(tmp_path):
+    from capshape.tasks import select_tasks, suite_task_names
+    rows3 = rows() + [{"text": f"cherry number {i} is here.", "group": "gamma"} for i in range(10)]
+    path = corpus(tmp_path, rows3)
+    tok = train_tokenizer([path], tmp_path / "tok", vocab_size=300)
+    config = config_for(tmp_path, [path], tok)
+    assert suite_task_names(config.data, "unlearn.forget") == ["alpha", "beta", "gamma"]
+    every = {d.task.name: d for d in prepare_data(config, 0).data}
+    chosen = config.model_copy(update={"data": select_tasks(config.data, ["gamma", "alpha"], ["beta"])})
+    assert suite_task_names(chosen.data, "x") == ["gamma", "alpha"]
+    prepared = prepare_data(chosen, 0)
+    assert [d.task.name for d in prepared.data] == ["gamma", "alpha", "beta"] and prepared.suite.trained == [True, True, False]
+    for d in prepared.data:  # a stage sees exactly the documents the full run holds out
+        assert torch.equal(d.held_out.inputs, every[d.task.name].held_out.inputs)
+    for params, message in (({"groups": ["delta"]}, "'delta' is not a group"), ({"groups": ["alpha"], "eval_only": ["alpha"]}, "both"),
+                            ({"eval_only": ["alpha", "beta", "gamma"]}, "leave at least one")):
+        with pytest.raises(CapshapeError, match=message):
+            prepare_data(config_for(tmp_path, [path], tok, **params), 0)
+    text = build_config({"data": {"tasks": ["add", "copy"]}})
+    assert suite_task_names(select_tasks(text.data, ["copy"], ["add"]), "x") == ["copy"]
+    with pytest.raises(CapshapeError, match="data.suite 'digits' has no tasks"):
+        suite_task_names(build_config({"data": {"suite": "digits"}}).data, "unlearn.forget")
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda tmp_path, path, tok: ([tmp_path / "missing.jsonl"], tok, {}), "does not exist"),
     (lambda tmp_path, path, tok: ([path], tmp_path / "no_tokenizer", {}), "capshape tokenizer train"),

@@ -8,9 +8,11 @@ from capshape.tasks import corpus  # noqa: F401  (registers the real-text suite)
 from capshape.tasks.base import TASKS, FixedTask, Task, compose, exact_match, register
 from capshape.tasks.data import Batch, MixtureSampler, TaskData, build_task_data, mixture_weights
 from capshape.tasks.jsonl import load_jsonl_tasks
-from capshape.tasks.suites import SUITES, TOKEN_INPUTS, InputSpec, Suite, SuiteData, SuiteParams, build_suite
+from capshape.tasks.suites import (SUITES, TOKEN_INPUTS, InputSpec, Suite, SuiteData, SuiteParams, build_suite, select_tasks,
+                                   suite_task_names)
 from capshape.tasks.tokenizer import TOKENIZER
 
 __all__ = ["TASKS", "Task", "FixedTask", "compose", "exact_match", "register", "Batch", "MixtureSampler",
            "TaskData", "build_task_data", "mixture_weights", "load_jsonl_tasks", "TOKENIZER",
-           "SUITES", "TOKEN_INPUTS", "InputSpec", "Suite", "SuiteData", "SuiteParams", "build_suite"]
+           "SUITES", "TOKEN_INPUTS", "InputSpec", "Suite", "SuiteData", "SuiteParams", "build_suite", "select_tasks",
+           "suite_task_names"]

@@ -7,6 +7,7 @@ a Hugging Face tokenizer from a local directory, packed into fixed-length sequen
     text_field = "text"
     group_field = "group"
     held_out = 0.1                  # share of each group's documents held out, by document
+    groups = []                     # the groups trained on ([]: every group); eval_only: evaluated only
 
 Each group is one task (its name), so every objective, the per-group evaluation and the verdict work
 unchanged: the held-out loss per group is the continuous metric (perplexity = exp(loss), in the run's
@@ -43,6 +44,8 @@ class CorpusParams(SuiteParams):
     text_field: str = Field("text", description="The column holding a document's text.")
     group_field: str = Field("group", description="The column holding a document's group (its capability label).")
     held_out: float = Field(0.1, gt=0, lt=1, description="Share of each group's documents held out (at least one).")
+    groups: list[str] = Field([], description="Groups trained on, in this order ([]: every group of the files).")
+    eval_only: list[str] = Field([], description="Groups evaluated on their held-out documents but never trained on.")
     probes: list[Path] = Field([], description="Local JSONL files of {prompt, target, group} probes: evaluated only, "
                                "one task '<group>/probe' per group, scored by exact match of the target's tokens.")
 
@@ -156,8 +159,35 @@ def load_probes(path: Path, tokenizer, max_len: int) -> dict[str, Split]:
     return splits
 
 
+def chosen_groups(params: CorpusParams, present: list[str]) -> tuple[list[str], list[str]]:
+    """(trained, evaluated-only) group names: `groups` (else every group present) and `eval_only`."""
+    for field in ("groups", "eval_only"):
+        names = getattr(params, field)
+        unknown = next((g for g in names if g not in present), None)
+        if unknown is not None:
+            raise CapshapeError(f"data.suite_params.{field}: {unknown!r} is not a group of the corpus (it has "
+                                f"{', '.join(present)}).")
+        if len(set(names)) != len(names):
+            raise CapshapeError(f"data.suite_params.{field} lists a group twice: list each once.")
+    both = next((g for g in params.eval_only if g in params.groups), None)
+    if both is not None:
+        raise CapshapeError(f"data.suite_params: {both!r} is in both groups and eval_only: list it in one.")
+    trained = params.groups or [g for g in present if g not in params.eval_only]
+    if not trained:
+        raise CapshapeError("data.suite_params.eval_only lists every group: leave at least one to train on.")
+    return trained, list(params.eval_only)
+
+
 class CorpusSuite(Suite):
     Params = CorpusParams
+
+    def task_names(self, data_config, params: CorpusParams) -> list[str]:
+        present = sorted({group for _, group in load_documents(params.files, params.text_field, params.group_field)})
+        return chosen_groups(params, present)[0]
+
+    def select(self, data_config, trained: list[str], eval_only: list[str]):
+        return data_config.model_copy(update={"suite_params": {**data_config.suite_params, "groups": trained,
+                                                               "eval_only": eval_only}})
 
     def build(self, data_config, params: CorpusParams, seed: int, max_len: int) -> SuiteData:
         tokenizer = load_tokenizer(params.tokenizer)
@@ -165,10 +195,12 @@ class CorpusSuite(Suite):
         for text, group in load_documents(params.files, params.text_field, params.group_field):
             by_group.setdefault(group, []).append(tokenizer(text, add_special_tokens=False)["input_ids"]
                                                   + [tokenizer.eos_token_id])
+        trained_groups, eval_groups = chosen_groups(params, sorted(by_group))
         pad = pad_id(tokenizer)
         decode = lambda ids: tokenizer.decode(ids)
-        data = []
-        for name, documents in sorted(by_group.items()):
+        data, trained = [], []
+        for name in trained_groups + eval_groups:
+            documents = by_group[name]
             if len(documents) < 2:
                 raise CapshapeError(f"data.suite_params: group {name!r} has {len(documents)} document; each group needs "
                                     f"at least 2 (one to hold out).")
@@ -184,9 +216,14 @@ class CorpusSuite(Suite):
             task = Task(name, name, tag="", sample_input=None, solve=None,
                         description=f"{len(documents)} documents ({held} held out)", decode=decode)
             data.append(TaskData(task, *splits))
-        trained = [True] * len(data)
+            trained.append(name in trained_groups)
         for path in params.probes:
             for group, split in load_probes(path, tokenizer, max_len).items():
+                if group not in by_group:
+                    raise CapshapeError(f"data.suite_params.probes: {Path(path).name} has probes of group {group!r}, "
+                                        f"which has no documents (groups: {', '.join(sorted(by_group))}).")
+                if group not in trained_groups + eval_groups:
+                    continue
                 probe = Task(f"{group}/probe", group, tag="", sample_input=None, solve=None,
                              description=f"{len(split.targets)} probes from {Path(path).name}", decode=decode)
                 data.append(TaskData(probe, split, split))

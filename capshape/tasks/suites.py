@@ -54,6 +54,16 @@ class Suite:
         """Suite-specific figures for a finished run's summary (`suite_metrics`), from its metrics rows."""
         return {}
 
+    def task_names(self, data_config, params: SuiteParams) -> Optional[list[str]]:
+        """The names of the tasks a config trains on, without building their data; None: this suite's tasks
+        cannot be chosen one by one (protocols that split tasks into stages then refuse it)."""
+        return None
+
+    def select(self, data_config, trained: list[str], eval_only: list[str]):
+        """A copy of `data_config` that trains on `trained` and evaluates `eval_only` too (names from
+        `task_names`): how protocols build their stages (forget/retain, A then B) on any suite that has one."""
+        raise NotImplementedError
+
 
 SUITES: Registry[Suite] = Registry("suite")
 
@@ -65,6 +75,21 @@ def parse_suite_params(suite: Suite, name: str, raw: dict) -> SuiteParams:
         item = error.errors()[0]
         where = ".".join(str(p) for p in item["loc"])
         raise CapshapeError(f"config field 'data.suite_params.{where}': {item['msg']} (suite '{name}').") from None
+
+
+def suite_task_names(data_config, field: str) -> list[str]:
+    """The trained task names of `data_config`, for a protocol whose `field` (e.g. 'unlearn.forget') names tasks."""
+    suite = SUITES.get(data_config.suite)
+    names = suite.task_names(data_config, parse_suite_params(suite, data_config.suite, data_config.suite_params))
+    if names is None:
+        raise CapshapeError(f"{field}: data.suite '{data_config.suite}' has no tasks to choose from by name; use a suite "
+                            f"that has ('text' or 'corpus').")
+    return names
+
+
+def select_tasks(data_config, trained: list[str], eval_only: list[str] = ()):
+    """`data_config` restricted to `trained` tasks plus `eval_only` ones (see Suite.select)."""
+    return SUITES.get(data_config.suite).select(data_config, list(trained), list(eval_only))
 
 
 def build_suite(data_config, seed: int, max_len: int) -> SuiteData:
@@ -93,6 +118,12 @@ class TextSuite(Suite):
         tasks, trained = self.resolve(data_config)
         data = [build_task_data(t, data_config.train_examples, data_config.eval_examples, seed, max_len) for t in tasks]
         return SuiteData(data, trained, TOKEN_INPUTS)
+
+    def task_names(self, data_config, params: SuiteParams) -> list[str]:
+        return [t.name for t, trained in zip(*self.resolve(data_config)) if trained]
+
+    def select(self, data_config, trained: list[str], eval_only: list[str]):
+        return data_config.model_copy(update={"tasks": trained, "eval_only": eval_only, "jsonl": []})
 
 
 SUITES.add("text", TextSuite())

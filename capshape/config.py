@@ -91,6 +91,16 @@ class TrainConfig(Section):
     init_from: Optional[Path] = Field(None, description="A model.safetensors to start from instead of a fresh init.")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="On a NaN/inf loss or gradient: stop the run, or skip the step and count it.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training forward pass in fp32, or under bf16 autocast (for GPUs; weights and evaluation stay fp32).")
+    accumulation_steps: int = Field(1, gt=0, description="Split each (per-rank) batch into this many micro-batches, "
+                                    "one backward each, for batches that do not fit in memory; the gradient equals the "
+                                    "whole batch's (an extra no-grad forward finds the objective's weights first).")
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> "TrainConfig":
+        if self.accumulation_steps > self.batch_size:
+            raise ValueError(f"accumulation_steps={self.accumulation_steps} would leave empty micro-batches of "
+                             f"batch_size={self.batch_size}: use at most batch_size")
+        return self
 
 
 class RunConfig(Section):

@@ -56,12 +56,12 @@ def _rank(rank: int, world: int, port: int, config, root) -> None:
         dist.destroy_process_group()
 
 
-def _run_ranks(world: int, config, root, timeout: float = 120) -> None:
-    """`world` gloo ranks of _rank, forked: they inherit this process's imports (torch, capshape and
+def _run_ranks(world: int, config, root, timeout: float = 120, target=_rank) -> None:
+    """`world` gloo ranks of `target`, forked: they inherit this process's imports (torch, capshape and
     torch._dynamo, which DDP loads), which spawned processes would each repeat for seconds."""
     import torch._dynamo  # noqa: F401
 
-    context = mp.start_processes(_rank, args=(world, _free_port(), config, root), nprocs=world, join=False,
+    context = mp.start_processes(target, args=(world, _free_port(), config, root), nprocs=world, join=False,
                                  start_method="fork")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
@@ -113,6 +113,36 @@ def test_ddp_on_two_processes_equals_the_single_process_run(tmp_path):
     for key in ("members", "member_groups"):  # identical groups
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
     assert ranks[0]["record"] == ranks[1]["record"]
+
+
+def _corpus_rank(rank: int, world: int, port: int, config, root) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        train_run(RunSpec.of(config, "grouped", 0), root / ("ddp" if rank == 0 else f"rank{rank}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_accumulation_on_a_corpus_and_a_hf_llama_equals_one_process(tmp_path):
+    """The scale path: packed documents, a Hugging Face Llama, grouped loss over document groups; two ranks
+    each accumulating two micro-batches of their share reproduce the single-process run."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("datasets")
+    from test_corpus import config_for, corpus, rows
+
+    from capshape.tasks.corpus import train_tokenizer
+    path = corpus(tmp_path, rows())
+    base = config_for(tmp_path, [path], train_tokenizer([path], tmp_path / "tok", vocab_size=300))
+    config = base.model_copy(update={"train": base.train.model_copy(update={"steps": 4, "batch_size": 9, "eval_every": 2})})
+    accumulating = config.model_copy(update={"train": config.train.model_copy(update={"accumulation_steps": 2})})
+    _run_ranks(2, accumulating, tmp_path, target=_corpus_rank)
+    train_run(RunSpec.of(config, "grouped", 0), tmp_path / "single")
+    assert not (tmp_path / "rank1").exists()
+    _assert_rows_close(_rows(tmp_path / "ddp"), _rows(tmp_path / "single"))
+    a, _ = read_tensors(tmp_path / "ddp" / "model.safetensors")
+    b, _ = read_tensors(tmp_path / "single" / "model.safetensors")
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_collectives_are_the_identity_in_one_process():

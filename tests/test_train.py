@@ -105,3 +105,36 @@ def test_every_run_records_its_provenance_and_a_resume_adds_a_segment(tmp_path, 
     interrupted_run(tiny_config, "mean", tmp_path / "cut", at_step=6)
     resumed = train_run(RunSpec.of(tiny_config, "mean", 0), tmp_path / "cut", TrainRuntime(resume=True))
     assert [segment["from_step"] for segment in resumed["provenance"]] == [0, 4]
+
+
+@pytest.mark.parametrize("objective", ["mean", "grouped", "group_dro", "gradient_cluster"])
+def test_gradient_accumulation_gives_the_whole_batch_gradient(tiny_config, objective):
+    """Three micro-batches (sizes 4, 3, 3 of a batch of 10) accumulate the gradient of one batch, for objectives
+    whose weights depend on every loss of the batch (grouped: 2ℓ_g/n_g) and on learned groups."""
+    from capshape.objectives import build_objective
+    from capshape.train.loop import StepHooks, initial_model, make_optimizer, prepare_data, training_step
+
+    params = {"gradient_cluster": {"num_groups": 2, "regroup_every": 1, "n_examples": 12, "feature_dim": 16, "neighbours": 4}}
+    grads = []
+    for steps in (1, 3):
+        config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(
+            update={"batch_size": 10, "accumulation_steps": steps})})
+        data = prepare_data(config, 0)
+        model = initial_model(config, data.suite.input_spec, 0)
+        built = build_objective(objective, params.get(objective, {}), len(data.group_names))
+        result = training_step(0, config, model, built, make_optimizer(model, config), data.sampler(config, 0), StepHooks(), "cpu")
+        assert result.losses.shape == (10,) and result.finite
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_accumulation_is_refused_where_it_cannot_be_exact(tiny_config, tmp_path):
+    from capshape.config import build_config
+    with pytest.raises(CapshapeError, match="accumulation_steps=9 would leave empty micro-batches"):
+        build_config({"train": {"batch_size": 8, "accumulation_steps": 9}})
+    config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"accumulation_steps": 2})})
+    from capshape.train import StepHooks
+    with pytest.raises(CapshapeError, match="step hooks .* set it to 1"):
+        train_run(RunSpec.of(config, "mean", 0, hooks=StepHooks()), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

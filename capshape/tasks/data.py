@@ -29,6 +29,11 @@ class Batch:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    def split(self, parts: int) -> list["Batch"]:
+        """`parts` consecutive micro-batches of (nearly) equal size."""
+        fields = (self.inputs, self.labels, self.task_ids, self.group_ids)
+        return [Batch(*chunk) for chunk in zip(*(t.tensor_split(parts) for t in fields))]
+
 
 @dataclass
 class Split:

@@ -180,6 +180,9 @@ def train_run(spec: RunSpec, out: Path, runtime: TrainRuntime = TrainRuntime()) 
     calls this with the same arguments; rank 0 alone writes `out` and returns the summary, the other
     ranks return {}.
     """
+    if spec.hooks is not None and spec.config.train.accumulation_steps > 1:
+        raise CapshapeError(f"train.accumulation_steps={spec.config.train.accumulation_steps}: this protocol's step hooks "
+                            f"(routing, distillation, unlearning) take one backward per step; set it to 1.")
     runtime = dataclasses.replace(runtime, device=resolve_device(runtime.device))
     if not collectives.is_main():
         return _train_in(RunDir(out), spec, runtime)
@@ -300,19 +303,44 @@ def training_step(step: int, config: RunConfig, model, objective: Objective, opt
     """One optimizer step: observe, choose the mixture, sample, forward, weigh, one backward, clip, step.
 
     `net` runs the forward pass: the DDP wrapper of `model` under data parallelism (then the batch is
-    this rank's share of the global batch), else `model` itself."""
+    this rank's share of the global batch), else `model` itself. With train.accumulation_steps = m > 1
+    the batch runs as m micro-batches: a no-grad forward of each gives every per-example loss, so the
+    objective weighs the whole batch once (its weights w_j depend on every ℓ_j, e.g. w_j = 2ℓ_g/n_g),
+    then each micro-batch backprops Σ_{j in it} w_j ℓ_j; the accumulated gradient is the whole batch's."""
     record = objective.observe(step, model, sampler)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(step, config)
     sampler.weights = objective.mixture(sampler.data_mixture, sampler.group_of_task)
     batch = shard_batch(sampler.sample()).to(device)
-    with autocast(device, config.train.precision), hooks.around_forward(model, batch), objective.forward_context(model, batch):
-        losses = hooks.losses(net or model, batch)  # [B] in fp32 (per_example_losses upcasts the logits)
-    loss, weighting = objective.loss(losses, objective.group_ids(model, batch))
+    net = net or model
+    world = collectives.world_size()
+
+    def forward(part: Batch, context: Callable = objective.forward_context) -> torch.Tensor:
+        with autocast(device, config.train.precision), hooks.around_forward(model, part), context(model, part):
+            return hooks.losses(net, part)  # [b] in fp32 (per_example_losses upcasts the logits)
+
     optimizer.zero_grad(set_to_none=True)
-    # The weights are those of the global batch; DDP averages gradients over ranks, so each rank
-    # backprops world_size x its share to leave the global objective's gradient (parallel.py).
-    (loss * collectives.world_size()).backward()
+    micro_batches = batch.split(config.train.accumulation_steps) if config.train.accumulation_steps > 1 else [batch]
+    if len(micro_batches) == 1:
+        losses = forward(batch)
+        loss, weighting = objective.loss(losses, objective.group_ids(model, batch))
+        # The weights are those of the global batch; DDP averages gradients over ranks, so each rank
+        # backprops world_size x its share to leave the global objective's gradient (parallel.py).
+        (loss * world).backward()
+    else:
+        if any(len(part) == 0 for part in micro_batches):
+            raise CapshapeError(f"train.accumulation_steps={len(micro_batches)} leaves empty micro-batches of this rank's "
+                                f"{len(batch)} examples: lower it or raise train.batch_size.")
+        with torch.no_grad():
+            measured = [(forward(part), objective.group_ids(model, part)) for part in micro_batches]
+        losses = torch.cat([part_losses for part_losses, _ in measured])
+        weighting = objective.weigh(losses, torch.cat([ids for _, ids in measured]))
+        loss = (weighting.weights * losses).sum()
+        weights = weighting.weights.split([len(part) for part in micro_batches])
+        for index, (part, part_weights) in enumerate(zip(micro_batches, weights)):
+            last = index == len(micro_batches) - 1
+            with nullcontext() if last or net is model else net.no_sync():  # DDP reduces once, after the last
+                ((part_weights * forward(part, lambda *_: nullcontext())).sum() * world).backward()
     hooks.after_backward(model, batch)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip or float("inf"))
     finite = bool(torch.isfinite(grad_norm) and torch.isfinite(collectives.global_sum(loss.detach())))

@@ -129,12 +129,12 @@ def test_output_layer_factors_equal_the_captured_backward_factors():
 def test_svd_grouped_weights_give_the_gradient_of_its_loss():
     objective = build_objective("svd_grouped", {"rank": 3, "feature_dim": 8}, num_groups=1)
     features = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
-    objective.fit(_regroup(np.zeros(40, dtype=int)), features, seed=0)
+    objective.fit_gram(features.double() @ features.double().T, features, np.zeros(40, dtype=int))
     batch = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
-    objective.batch_components = objective.components(batch)
+    objective.batch_shares = objective.shares(batch)
     losses = torch.rand(6, requires_grad=True)
     weighting = objective.weigh(losses.detach(), None)
-    a = objective.batch_components ** 2
+    a = objective.batch_shares
     m = (a * losses[:, None]).sum(0) / a.sum(0)
     direct = (objective.scales * m ** 2).sum()
     (grad,) = torch.autograd.grad(direct, losses)
@@ -142,18 +142,39 @@ def test_svd_grouped_weights_give_the_gradient_of_its_loss():
     assert float(weighting.value) == pytest.approx(float(direct.detach()))
 
 
+def test_svd_grouped_components_from_the_gram_are_those_of_the_svd():
+    """c_ij = s_i U_ji / ‖f_j‖ from the eigendecomposition of F Fᵀ equals v_i·f_j/‖f_j‖ from the SVD of F."""
+    gradients = torch.randn(30, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    objective = build_objective("svd_grouped", {"rank": 4, "feature_dim": 50}, num_groups=1)
+    record = objective.fit_gram(gradients @ gradients.T, gradients.float(), np.arange(30) % 3)
+    _, singular, vh = torch.linalg.svd(gradients, full_matrices=False)
+    expected = (normalise_rows(gradients) @ vh[:4].T) ** 2
+    torch.testing.assert_close(objective.member_shares.double(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(objective.scales.double(), singular[:4] / singular[:4].mean(), atol=1e-5, rtol=1e-5)
+    assert record["rank"] == 4 and record["singular_values"][:4] == pytest.approx(singular[:4].tolist())
+
+
 def test_svd_grouped_reduces_to_grouped_on_orthogonal_groups():
-    directions = torch.eye(3)
-    features = torch.cat([directions[i].repeat(4, 1) * (i + 1) for i in range(3)])  # 3 groups of 4 on 3 axes
-    objective = build_objective("svd_grouped", {"rank": 3, "feature_dim": 3}, num_groups=1)
-    objective.fit(_regroup(np.repeat(np.arange(3), 4)), features, seed=0)
+    """Gradients on 3 axes (either sign) in the discovery space, and per-batch features that are another
+    (rotated, sign-flipped) view of the same 3 groups: directions, placement and weights are the grouped loss's."""
+    axes = torch.eye(3, dtype=torch.float64)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    gradients = torch.cat([axes[i] * (signs * (i + 1))[:, None] for i in range(3)])  # 3 groups of 4
+    truth = np.repeat(np.arange(3), 4)
+    rotation, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(4)))
+    features = torch.eye(8)[torch.from_numpy(truth)] @ rotation
+    objective = build_objective("svd_grouped", {"rank": 3, "feature_dim": 8}, num_groups=1)
+    record = objective.fit_gram(gradients @ gradients.T, -features, truth)
+    assert record["ari"] == 1.0 and record["assignment_agreement"] == 1.0
     objective.scales = torch.ones(3)
     losses = torch.rand(12)
-    objective.batch_components = objective.components(features)
+    objective.batch_shares = objective.shares(features)
     svd = objective.weigh(losses, None)
-    grouped = build_objective("grouped", {"p": 2}, num_groups=3).weigh(losses, torch.arange(3).repeat_interleave(4))
+    order = objective.batch_shares.argmax(1)  # direction of each example: a relabelling of the groups
+    grouped = build_objective("grouped", {"p": 2}, num_groups=3).weigh(losses, order)
     torch.testing.assert_close(svd.weights, grouped.weights)
     torch.testing.assert_close(svd.value, grouped.value)
+    assert agreement(order.numpy(), truth)["ari"] == 1.0
 
 
 def test_gradient_cluster_assigns_by_average_linkage_and_uses_grouped_weights():

@@ -18,7 +18,9 @@ from capshape.grads.gram import example_gram
 from capshape.models import per_example_losses
 
 
-class DiscoveryOptions(BaseModel):
+class GradientFeatureOptions(BaseModel):
+    """Which per-example gradients: the engine and the parameters (shared by every gradient-space objective)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     engine: Literal["exact", "gram", "sketch"] = Field(
@@ -27,6 +29,11 @@ class DiscoveryOptions(BaseModel):
     subset: str = Field("lower:1", description="Parameters: all, no_embed_norm, lower:<n> (embeddings and the first n "
                                                "blocks), output, block:<i>, or name prefixes separated by commas.")
     sketch_dim: int = Field(1024, gt=0, description="Sketch size when engine = 'sketch'.")
+
+
+class DiscoveryOptions(GradientFeatureOptions):
+    """The gradients (GradientFeatureOptions) and how they are clustered."""
+
     similarity: Literal["cosine", "angular", "abs", "squared"] = Field(
         "squared", description="Affinity from the cosine C: max(C,0), 1 − arccos(C)/π, |C| or C².")
     centre: bool = Field(False, description="Subtract the mean gradient before the cosines.")

@@ -64,6 +64,23 @@ def test_k_smoothing_follows_the_previous_refits_criterion():
     assert smoothed.k == 3 and smoothed.criterion[3] == pytest.approx(0.9 + 0.1 * fresh.criterion[3])
 
 
+def test_k_window_bounds_the_step_of_k_between_refits(monkeypatch):
+    features, truth = _signed_blocks([40, 30, 50, 35, 45])
+    gram, losses = (features @ features.T).double().numpy(), np.ones(200)
+    options = DiscoveryOptions(num_groups="auto", max_groups=12)
+    assert cluster_gram(gram, losses, options, 0).k == 5
+    assert cluster_gram(gram, losses, options, 0, k_window=(8, 12)).k == 8  # the best k (5), clipped
+    assert cluster_gram(gram, losses, options, 0, k_window=(3, 7)).k == 5
+    import capshape.objectives.gradient_cluster as gradient_cluster
+    monkeypatch.setattr(gradient_cluster, "example_gram", lambda *args, **kwargs: torch.from_numpy(gram))
+    params = {"max_groups": 12, "k_max_step": 2, "feature_dim": 32, "k_smoothing": 0.0}
+    objective = build_objective("gradient_cluster", params, num_groups=1)
+    objective.k, objective.criterion = 10, torch.zeros(11, dtype=torch.float64)  # the last refit chose k = 10: walk to 5
+    assert [objective.fit(_regroup(truth), features, seed=0)["k"] for _ in range(3)] == [8, 6, 5]
+    first = build_objective("gradient_cluster", params, num_groups=1)  # the first refit is free
+    assert first.fit(_regroup(truth), features, seed=0)["k"] == 5
+
+
 def test_similarities_centring_and_loss_filter():
     gram = np.array([[4.0, -2.0, 0.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 9.0]])  # cos(0, 1) = -1
     np.testing.assert_allclose(similarity_matrix(gram, "cosine")[0, 1], 0.0)

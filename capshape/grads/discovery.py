@@ -66,11 +66,13 @@ class Discovery:
 
 
 def cluster_gram(gram: np.ndarray, losses: Optional[np.ndarray], options: DiscoveryOptions, seed: int,
-                 previous: Optional[dict[int, float]] = None, smoothing: float = 0.0) -> Discovery:
+                 previous: Optional[dict[int, float]] = None, smoothing: float = 0.0,
+                 k_window: Optional[tuple[int, int]] = None) -> Discovery:
     """The pipeline after the Gram: loss filter (`losses` [N] needed only with options.max_loss), similarity,
     k, clustering. With a `previous` criterion curve (from the last refit), k maximises the smoothed curve
     smoothing·previous + (1 − smoothing)·curve, an exponential moving average over refits that keeps one
-    noisy refit from moving k."""
+    noisy refit from moving k; with `k_window` (lo, hi), k is that best k clipped to lo ≤ k ≤ hi, so it walks
+    toward the best k without jumping."""
     kept = np.ones(len(gram), dtype=bool) if options.max_loss is None else losses <= options.max_loss
     if kept.sum() < 3:  # too few low-loss examples to cluster (early in training): cluster them all
         kept = np.ones(len(gram), dtype=bool)
@@ -80,6 +82,8 @@ def cluster_gram(gram: np.ndarray, losses: Optional[np.ndarray], options: Discov
         if previous and previous.keys() == curve.keys():
             curve = {j: smoothing * previous[j] + (1 - smoothing) * curve[j] for j in curve}
             k = best_k(curve)
+        if k_window is not None:
+            k = min(max(k, k_window[0]), k_window[1])
     else:
         k, curve = min(options.num_groups, int(kept.sum())), {}
     labels = cluster_similarity(similarity, k, options.method, seed, options.neighbours)

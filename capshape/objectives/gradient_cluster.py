@@ -4,11 +4,12 @@ gradients: examples whose gradients lie along the same directions likely use the
 At each regrouping the drawn examples go through the discovery pipeline (capshape.grads.discovery:
 by default the exact per-example gradients of the embeddings and the first block, the sign-invariant
 similarity C², spectral clustering on the 10-nearest-neighbour graph, k by the eigengap averaged over
-refits). Training batches are then assigned by average linkage in the per-batch feature space:
-example x goes to the group c maximising mean_{j∈c} S(x, j), S the same similarity on the features
-u = f/‖f‖ of x and of the regrouping examples j (for C² this is u_xᵀ M_c u_x with M_c the mean of
-u_j u_jᵀ over the group). The record reports how often that rule
-reproduces the clustering on the regrouping examples themselves (`assignment_agreement`).
+refits and moved by at most `k_max_step` per refit, a trust region that keeps a flat eigengap curve
+from throwing k around). Training batches are then assigned by average linkage in the per-batch
+feature space: example x goes to the group c maximising mean_{j∈c} S(x, j), S the same similarity on
+the features u = f/‖f‖ of x and of the regrouping examples j (for C² this is u_xᵀ M_c u_x with M_c the
+mean of u_j u_jᵀ over the group). The record reports how often that rule reproduces the clustering on
+the regrouping examples themselves (`assignment_agreement`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class GradientClusterParams(GradientGroupParams, DiscoveryOptions):
 
     k_smoothing: float = Field(0.5, ge=0, lt=1, description="With num_groups = 'auto', k maximises this moving "
                                                             "average over refits of the criterion curve (0: this refit's alone).")
+    k_max_step: int = Field(2, ge=0, description="With num_groups = 'auto', k changes by at most this much from one "
+                                                 "refit to the next (a trust region on k; 0: unbounded).")
 
 
 @OBJECTIVES.register("gradient_cluster")
@@ -48,7 +51,8 @@ class GradientCluster(GradientGroupedObjective):
         gram = example_gram(model, regroup.inputs, regroup.labels, params.engine, params.subset, params.sketch_dim,
                             seed, factors=regroup.factors)
         previous = {k: float(v) for k, v in enumerate(self.criterion.tolist(), start=2)}
-        found = cluster_gram(gram.cpu().numpy(), losses, params, seed, previous, params.k_smoothing)
+        window = (self.k - params.k_max_step, self.k + params.k_max_step) if params.k_max_step and previous else None
+        found = cluster_gram(gram.cpu().numpy(), losses, params, seed, previous, params.k_smoothing, window)
         self.criterion = torch.tensor([found.criterion[k] for k in sorted(found.criterion)], dtype=torch.float64)
         kept = torch.from_numpy(found.kept)
         self.members = normalise_rows(features[kept].float())

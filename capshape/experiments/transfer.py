@@ -7,10 +7,19 @@ task's data (held-out set, then training pool) and the batch order, so A->B and 
 same seed see the same B examples and are compared pairwise. Statistics: transfer_stats.py; the
 TAG / gradient-cosine proxy from one multi-task run: transfer_proxy.py.
 
-The base is `transfer.base` (a run directory or a model.safetensors), else a model pre-trained here on
-`transfer.pretrain_tasks`, else (no pretrain tasks) a fresh init. Every stage is one `train_run`.
-A pool of n examples is n draws (`data.train_examples = n`): tasks with small input spaces repeat some
-(mul, div, invented: about 165-180 distinct prompts in 200), never a held-out prompt.
+Tasks are those of the configured suite (`suite_task_names`): the built-in text tasks, or the groups of a
+`corpus`; every stage is the suite's data restricted to its tasks (`select_tasks`), so held-out sets are
+the same in every stage. The base is `transfer.base` (a run directory or a model.safetensors), else a model
+pre-trained here on `transfer.pretrain_tasks`, else (no pretrain tasks) a fresh init. Every stage is one
+`train_run`. A pool of n examples (`data.train_examples = n`) is, on the text tasks, n draws of the task:
+tasks with small input spaces repeat some (mul, div, invented: about 165-180 distinct prompts in 200),
+never a held-out prompt; on a corpus, the first n packed rows (model.max_len tokens each) of the group's
+training documents in file order, so a seed changes them only through the documents it holds out. A
+task must hold the largest pool asked of it (checked before anything runs).
+
+`transfer.metric` names the held-out metric that decides whether B is learnable from n_b examples alone
+and leads the headline: exact-match accuracy on the text tasks; loss on a corpus, whose packed rows are
+never matched whole. Both metrics' matrices are always computed.
 
     OUT/config.json  summary.json  report.html
     OUT/base/                        the pre-trained base (computed once)
@@ -28,7 +37,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import torch
@@ -44,15 +53,17 @@ from capshape.experiments.transfer_stats import (METRICS, edt_stats, fit_transfe
 from capshape.report.transfer import transfer_report
 from capshape.runstore import RunDir, read_json, write_json
 from capshape.models import build_model
-from capshape.tasks import TASKS, TOKEN_INPUTS
+from capshape.tasks import InputSpec, build_suite, select_tasks, suite_task_names
 from capshape.train import RunSpec, StepHooks, TrainRuntime, check_config, load_model, train_run
 
 BASELINE = "none"  # the source-task label of B-only cells in directory names
+SIZED_BY_D_MODEL = ("transformer", "attention_only", "hf_gpt2")  # the model kinds transfer.widths can size
 
 
 class TransferSection(Section):
     tasks: list[str] = Field(["add", "sub", "mul", "div", "invented", "reverse", "sort", "copy"], min_length=2,
-                             description="Tasks of the grid: every ordered pair (A, B) of them is measured.")
+                             description="Tasks of the grid, of the configured suite (a corpus: its groups): every "
+                             "ordered pair (A, B) of them is measured.")
     n_a: list[int] = Field([200], min_length=1, description="Fine-tuning examples of the first task A (its training "
                            "pool size); several: a sweep. The first is the matrix's.")
     n_b: list[int] = Field([10], min_length=1, description="Fine-tuning examples of the second task B in A->B cells; "
@@ -61,10 +72,15 @@ class TransferSection(Section):
                                     "curve, from which the effective data transferred is read.")
     epochs_b: float = Field(4.0, gt=0, description="Stage B (and B alone) trains max(steps_b, epochs_b·n/batch_b) "
                             "steps on n examples, so that larger pools are seen several times too.")
-    learnable_gain: float = Field(5.0, ge=0, description="B counts as learnable from n examples when B alone's "
-                                  "accuracy gain over the base reaches this many points with an interval above 0.")
+    metric: Literal["accuracy", "loss"] = Field("accuracy", description="The held-out metric of B that decides "
+                                                "learnability and leads the headline: 'loss' where exact match stays "
+                                                "near 0 (a corpus's packed rows); both metrics' matrices are computed.")
+    learnable_gain: float = Field(5.0, ge=0, description="B counts as learnable from n examples when B alone's gain "
+                                  "over the base in `metric` reaches this much (accuracy: percentage points, loss: "
+                                  "nats) with an interval above 0.")
     widths: list[int] = Field([], description="Model sizes of a sweep: d_model of each (d_mlp = 4·d_model), one whole "
-                              "grid each in OUT/w<d_model>/; [] runs [model] as given.")
+                              "grid each in OUT/w<d_model>/; [] runs [model] as given. Models sized by d_model only "
+                              "(not model.kind 'hf' or 'mlp').")
     steps_a: int = Field(150, gt=0, description="Optimizer steps of stage A.")
     steps_b: int = Field(40, gt=0, description="Least optimizer steps of stage B (and of B alone); see epochs_b.")
     batch_a: int = Field(32, gt=0, description="Batch size of stage A (drawn with replacement from the pool).")
@@ -104,38 +120,81 @@ class TransferConfig(RunConfig):
     shared by every stage; [transfer] describes the grid."""
 
     reserved: ClassVar[dict[str, str]] = {
-        "seeds": "set transfer.seeds instead", "objectives": "", "objective": "", "data.suite": "",
-        "data.suite_params": "", "data.tasks": "set transfer.tasks / transfer.pretrain_tasks instead",
-        "data.eval_only": "", "data.jsonl": "", "train.steps": "set transfer.pretrain_steps / steps_a / steps_b instead",
+        "seeds": "set transfer.seeds instead", "objectives": "", "objective": "",
+        "data.tasks": "set transfer.tasks / transfer.pretrain_tasks instead", "data.eval_only": "",
+        "data.jsonl": "", "train.steps": "set transfer.pretrain_steps / steps_a / steps_b instead",
         "train.init_from": "set transfer.base instead", "train.eval_every": "", "train.checkpoint_every": ""}
 
     transfer: TransferSection = TransferSection()
 
 
 def check_transfer_config(config: TransferConfig) -> None:
-    """Names and the base model, checked before anything is written (reserved fields: by the kit)."""
+    """Names, pool sizes and the base model, checked before anything is written (reserved fields: by the kit)."""
     t = config.transfer
     for field in ("tasks", "pretrain_tasks", "seeds"):
         values = getattr(t, field)
         repeated = next((v for v in values if values.count(v) > 1), None)
         if repeated is not None:
             raise CapshapeError(f"transfer.{field} lists {repeated!r} twice: list each once.")
-        for name in values if field != "seeds" else ():
-            try:
-                TASKS.get(name)
-            except CapshapeError as error:
-                raise CapshapeError(f"transfer.{field}: {error}") from None
+    suite_task_names(config.data, "transfer.tasks")  # a suite without named tasks is refused first
+    check_selection_is_ours(config)
+    for field in ("tasks", "pretrain_tasks"):
+        check_task_names(config, field)
     shared = [name for name in t.pretrain_tasks if name in t.tasks]
     if t.base is None and shared:
         raise CapshapeError(f"transfer.pretrain_tasks and transfer.tasks share '{shared[0]}': the base would already "
                             f"be trained on it; pre-train on other tasks.")
     if t.widths and t.base is not None:
         raise CapshapeError("transfer.widths trains a base per model size: remove transfer.base, or widths.")
+    if t.widths and config.model.kind not in SIZED_BY_D_MODEL:
+        raise CapshapeError(f"transfer.widths sweeps model.d_model, which model.kind='{config.model.kind}' does not use: "
+                            f"remove transfer.widths (or use model.kind 'transformer', 'attention_only' or 'hf_gpt2').")
     check_config(finetune_config(config, t.tasks, t.n_a[0], t.steps_a, t.batch_a, None))
+    check_pool_sizes(config)
     if t.base is not None:
         check_base(config, Path(t.base))
     elif t.pretrain_tasks:
         check_config(pretrain_config(config))
+
+
+def check_selection_is_ours(config: TransferConfig) -> None:
+    """The suite parameters that choose tasks (a corpus's groups and eval_only) are set per stage, like data.tasks."""
+    chosen = select_tasks(config.data.model_copy(update={"suite_params": {}}), [], []).suite_params
+    taken = next((key for key in chosen if key in config.data.suite_params), None)
+    if taken is not None:
+        raise CapshapeError(f"config field 'data.suite_params.{taken}' is set by the transfer protocol for each stage: "
+                            f"set transfer.tasks / transfer.pretrain_tasks instead.")
+
+
+def check_task_names(config: TransferConfig, field: str) -> None:
+    """transfer.<field> must name tasks of the configured suite."""
+    names = getattr(config.transfer, field)
+    if names:
+        try:
+            suite_task_names(select_tasks(config.data, names), f"transfer.{field}")
+        except CapshapeError as error:
+            raise CapshapeError(f"transfer.{field}: {error}") from None
+
+
+def check_pool_sizes(config: TransferConfig) -> None:
+    """Every task must hold the largest pool the grid asks of it, with every seed: a corpus group has only as
+    many packed rows as its training documents fill, and a smaller pool would be mislabelled n."""
+    t = config.transfer
+    largest = max(t.n_a + baseline_sizes(config))
+    data = select_tasks(config.data, t.tasks).model_copy(update={"train_examples": largest})
+    for seed in t.seeds:
+        suite = build_suite(data, seed, config.model.max_len)
+        for task, trained in zip(suite.data, suite.trained):
+            if trained and len(task.train.inputs) < largest:
+                raise CapshapeError(f"transfer.n_a / n_b / baseline_n_b: task '{task.task.name}' has "
+                                    f"{len(task.train.inputs)} training examples with seed {seed}, fewer than the "
+                                    f"{largest} asked: lower those sizes to at most {len(task.train.inputs)}.")
+
+
+def input_spec(config: TransferConfig) -> InputSpec:
+    """What every stage's model takes: the suite's inputs (a corpus: its tokenizer's vocabulary)."""
+    t = config.transfer
+    return build_suite(select_tasks(config.data, t.tasks[:1]), t.seeds[0], config.model.max_len).input_spec
 
 
 def check_base(config: TransferConfig, base: Path) -> None:
@@ -150,7 +209,7 @@ def check_base(config: TransferConfig, base: Path) -> None:
     path = base_model_path(base)
     if not path.is_file():
         raise CapshapeError(f"transfer.base: {str(path)!r} does not exist: point it at a run directory or a model.safetensors.")
-    load_model(path, build_model(config.model, TOKEN_INPUTS))
+    load_model(path, build_model(config.model, input_spec(config)))
 
 
 def base_model_path(base: Path) -> Path:
@@ -164,7 +223,8 @@ def stage_config(config: TransferConfig, tasks: list[str], eval_only: list[str],
     a uniform, stratified mixture unless `own_mixture` (then [data]'s)."""
     raw = config.model_dump(mode="json", exclude={"transfer"})
     raw.update(objectives=["mean"], objective={}, seeds=[0])
-    raw["data"].update(tasks=tasks, eval_only=eval_only, jsonl=[], train_examples=n_train)
+    raw["data"] = select_tasks(config.data, tasks, eval_only).model_dump(mode="json")
+    raw["data"].update(train_examples=n_train)
     if not own_mixture:
         raw["data"].update(mixture="uniform", weights={}, stratify=True)
     raw["train"].update(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, eval_every=steps,
@@ -238,8 +298,9 @@ def grids(config: TransferConfig, out: Path) -> list[tuple[Optional[int], Transf
 
 
 def parameter_count(config: TransferConfig) -> int:
+    spec = input_spec(config)
     with torch.device("meta"):
-        return sum(p.numel() for p in build_model(config.model, TOKEN_INPUTS).parameters())
+        return sum(p.numel() for p in build_model(config.model, spec).parameters())
 
 
 # ---- cells: module-level functions run in worker processes --------------------------------------
@@ -405,7 +466,8 @@ def summarize(config: TransferConfig, out: Path, failures: dict[str, str], wall:
         "baseline_sizes": baseline_sizes(config), "parameters": parameters,
         "cells": len(cells), "expected_cells": len(cell_specs(config)), "failed": failures,
         "base": str(base_path(config, out)) if base_path(config, out) else None,
-        "base_eval": base_eval, "learnability": learnability(alone, t.tasks, baseline_sizes(config), t.learnable_gain),
+        "base_eval": base_eval,
+        "learnability": learnability(alone, t.tasks, baseline_sizes(config), t.learnable_gain, t.metric),
         "metrics": headline["metrics"], "edt": headline["edt"], "points": points,
         "fit": {metric: fit_transfer_law(law_points({"points": points, "parameters": parameters}, metric))
                 for metric in METRICS},
@@ -416,41 +478,48 @@ def summarize(config: TransferConfig, out: Path, failures: dict[str, str], wall:
 
 
 def headline(summary: dict) -> list:
-    """Learnability first (can the base learn each B from n_b examples at all?), then the matrix's most and
-    least helpful pairs with their intervals, the effective data transferred and the fitted exponents."""
+    """Learnability first (can the base learn each B from n_b examples at all, in the grid's metric?), then
+    per metric, that metric first, the matrix's most and least helpful pairs with their intervals and the
+    effective data transferred; then the fitted exponents."""
     lines = []
     n_b = str(summary["n_b"][0])
-    rows = summary["learnability"]["by_size"].get(n_b, {})
-    level = summary["learnability"]["level_pp"]
+    learn = summary["learnability"]
+    metric, unit = learn["metric"], learn["unit"]
+    value, gain, percent = (".1f", "+.1f", "%") if metric == "accuracy" else (".3g", "+.3g", "")
+    rows = learn["by_size"].get(n_b, {})
     for b, row in rows.items():
-        gain = row["accuracy_gain"]
-        lines.append(f"learnability of {b:>8} from {n_b} examples alone: base {row['base_accuracy']['mean']:.1f}% → "
-                     f"{row['accuracy']['mean']:.1f}%, gain {interval_text(gain, '+.1f')} pp"
-                     + ("" if row["learnable"] else f"  NOT learnable (needs ≥ {level:g} pp, interval above 0)"))
+        lines.append(f"learnability of {b:>8} from {n_b} examples alone: base {row[f'base_{metric}']['mean']:{value}}"
+                     f"{percent} → {row[metric]['mean']:{value}}{percent}, gain "
+                     f"{interval_text(row[f'{metric}_gain'], gain)} {unit}"
+                     + ("" if row["learnable"]
+                        else f"  NOT learnable (needs ≥ {learn['level']:g} {unit}, interval above 0)"))
     unlearnable = [b for b, row in rows.items() if not row["learnable"]]
     if unlearnable:
         lines.append(f"the base cannot learn {', '.join(unlearnable)} from {n_b} examples: their columns of the "
-                     f"accuracy matrix measure noise unless an interval excludes 0; read the loss matrix and the "
-                     f"effective data transferred instead.")
-    for metric, stats in summary["metrics"].items():
-        ranked = stats["ranked"]
+                     f"{metric} matrix measure noise unless an interval excludes 0"
+                     + ("; read the loss matrix and the effective data transferred instead."
+                        if metric == "accuracy" else "."))
+    order = sorted(summary["metrics"], key=lambda m: m != metric)
+    for name in order:
+        ranked = summary["metrics"][name]["ranked"]
         if ranked:
             best, worst = ranked[0], ranked[-1]
             sure = sum(p["low"] is not None and (p["low"] > 0 or p["high"] < 0) for p in ranked)
-            lines.append(f"{metric:>9} transfer ({stats['unit']}): most {best['a']}→{best['b']} {interval_text(best, '+.3g')}, "
-                         f"least {worst['a']}→{worst['b']} {interval_text(worst, '+.3g')}; "
+            lines.append(f"{name:>9} transfer ({summary['metrics'][name]['unit']}): most {best['a']}→{best['b']} "
+                         f"{interval_text(best, '+.3g')}, least {worst['a']}→{worst['b']} {interval_text(worst, '+.3g')}; "
                          f"{sure} of {len(ranked)} intervals exclude 0")
-    for metric, stats in summary["edt"].items():
+    for name in order:
+        stats = summary["edt"][name]
         if stats["pairs"]:
             best = stats["pairs"][0]
-            lines.append(f"effective data transferred ({metric}), most: {best['a']}→{best['b']} "
+            lines.append(f"effective data transferred ({name}), most: {best['a']}→{best['b']} "
                          f"{interval_text(best, '+.0f')} examples of B at n_b={stats['n_b']}"
                          + (f" ({best['above']} seed(s) beyond the measured curve: a lower bound)" if best["above"] else ""))
-    for metric, fit in (summary.get("fit") or {}).items():
+    for name, fit in (summary.get("fit") or {}).items():
         if fit.get("fitted"):
             terms = ", ".join(f"{t} = {fit[t]['value']:.2f} [{fit[t]['low']:.2f}, {fit[t]['high']:.2f}]"
                               for t in ("alpha", "beta") if t in fit)
-            lines.append(f"D_T ≈ k·n_b^α·N^β fit ({metric}, {fit['n']} points, {fit['dof']} dof): {terms}")
+            lines.append(f"D_T ≈ k·n_b^α·N^β fit ({name}, {fit['n']} points, {fit['dof']} dof): {terms}")
     return lines
 
 

@@ -145,10 +145,11 @@ def spearman_interval(rho: Optional[float], n: int) -> dict:
 
 # ---- learnability and effective data transferred -------------------------------------------------------
 
-def learnability(cells: list[dict], tasks: list[str], sizes: list[int], level: float) -> dict:
-    """Can the base learn B from n examples? Per B-only size n and task: the gain over the base, paired by
-    seed (accuracy in percentage points, loss as base − after in nats), each with its 95 % t-interval, and
-    `learnable`: the accuracy gain's interval lies above 0 and its mean reaches `level` pp.
+def learnability(cells: list[dict], tasks: list[str], sizes: list[int], level: float, metric: str = "accuracy") -> dict:
+    """Can the base learn B from n examples? Per B-only size n and task, for every metric: the base's value,
+    B alone's value and its gain over the base, paired by seed and oriented as T (accuracy in percentage
+    points, loss as base − after in nats), each with its 95 % t-interval; `learnable`: the gain in `metric`
+    has an interval above 0 and a mean of at least `level` (in its unit).
 
     `cells`: B-only cells {"a": None, "b", "n_b", "seed", "before": {metric}, "after": {metric}}."""
     table = {}
@@ -158,16 +159,17 @@ def learnability(cells: list[dict], tasks: list[str], sizes: list[int], level: f
             found = [c for c in cells if c["a"] is None and c["b"] == b and c["n_b"] == n]
             if not found:
                 continue
-            accuracy = t_interval([100.0 * (c["after"]["accuracy"] - c["before"]["accuracy"]) for c in found])
-            loss = t_interval([c["before"]["loss"] - c["after"]["loss"] for c in found])
-            base = t_interval([100.0 * c["before"]["accuracy"] for c in found])
-            after = t_interval([100.0 * c["after"]["accuracy"] for c in found])
-            learnable = (accuracy["mean"] is not None and accuracy["mean"] >= level
-                         and accuracy["low"] is not None and accuracy["low"] > 0)
-            rows[b] = {"base_accuracy": base, "accuracy": after, "accuracy_gain": accuracy, "loss_gain": loss,
-                       "learnable": bool(learnable)}
+            row = {}
+            for name, (scale, sign, _) in METRICS.items():
+                row[f"base_{name}"] = t_interval([scale * c["before"][name] for c in found])
+                row[name] = t_interval([scale * c["after"][name] for c in found])
+                row[f"{name}_gain"] = t_interval([sign * scale * (c["after"][name] - c["before"][name]) for c in found])
+            gain = row[f"{metric}_gain"]
+            row["learnable"] = bool(gain["mean"] is not None and gain["mean"] >= level
+                                    and gain["low"] is not None and gain["low"] > 0)
+            rows[b] = row
         table[str(n)] = rows
-    return {"level_pp": level, "by_size": table}
+    return {"metric": metric, "unit": METRICS[metric][2], "level": level, "by_size": table}
 
 
 def effective_data(curve: dict[int, float], value: float, n_b: int, metric: str) -> dict:

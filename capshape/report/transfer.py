@@ -163,8 +163,11 @@ def base_table(summary: dict) -> str:
 
 
 def learnability_section(summary: dict) -> str:
-    """Can the base learn each B from n examples alone? First on the page: a matrix is only as good as this."""
+    """Can the base learn each B from n examples alone (in the grid's `transfer.metric`)? First on the page:
+    a matrix is only as good as this."""
     learn = summary["learnability"]
+    metric, unit = learn["metric"], learn["unit"]
+    percent = "%" if metric == "accuracy" else ""
     sizes = list(learn["by_size"])
     heads = "".join(f"<th>n = {n}</th>" for n in sizes)
     rows = ""
@@ -175,20 +178,22 @@ def learnability_section(summary: dict) -> str:
             if row is None:
                 cells.append("<td>—</td>")
                 continue
-            text = f"{number(row['accuracy']['mean'])}% ({interval(row['accuracy_gain'])} pp)"
+            text = f"{number(row[metric]['mean'])}{percent} ({interval(row[f'{metric}_gain'])} {unit})"
             cells.append(f"<td>{text}</td>" if row["learnable"] else f"<td class=\"no\">{text} ✗</td>")
-        base = learn["by_size"][sizes[0]].get(task, {}).get("base_accuracy", {}).get("mean") if sizes else None
-        rows += f"<tr><td>{escape(task)}</td><td>{number(base)}%</td>{''.join(cells)}</tr>"
+        base = learn["by_size"][sizes[0]].get(task, {}).get(f"base_{metric}", {}).get("mean") if sizes else None
+        rows += f"<tr><td>{escape(task)}</td><td>{number(base)}{percent}</td>{''.join(cells)}</tr>"
     n_b = str(summary["n_b"][0])
     failing = [t for t, row in learn["by_size"].get(n_b, {}).items() if not row["learnable"]]
+    hint = (" The loss matrix and the effective data transferred below still measure transfer there."
+            if metric == "accuracy" else "")
     verdict = (f"<p class=\"warning\">The base cannot learn {escape(', '.join(failing))} from n_B = {n_b} examples "
-               f"alone (gain below {learn['level_pp']:g} pp or an interval that reaches 0): those columns of the accuracy "
-               f"matrix are noise unless an interval excludes 0. The loss matrix and the effective data transferred "
-               f"below still measure transfer there.</p>" if failing else
+               f"alone (gain below {learn['level']:g} {unit} or an interval that reaches 0): those columns of the {metric} "
+               f"matrix are noise unless an interval excludes 0.{hint}</p>" if failing else
                f"<p>Every task is learnable from n_B = {n_b} examples alone.</p>")
+    gain = "in percentage points" if metric == "accuracy" else "as the loss reduction in nats"
     return section("Can the base learn B from n examples?",
-                   "<p>Held-out accuracy of B after fine-tuning the base on n examples of B alone, with the gain over "
-                   "the base in percentage points (95% t-interval over seeds); ✗: not learnable at that size.</p>",
+                   f"<p>Held-out {metric} of B after fine-tuning the base on n examples of B alone, with the gain over "
+                   f"the base {gain} (95% t-interval over seeds); ✗: not learnable at that size.</p>",
                    f"<table><tr><th>task B</th><th>base</th>{heads}</tr>{rows}</table>", verdict)
 
 

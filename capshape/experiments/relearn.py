@@ -4,7 +4,9 @@ For every size n and seed: fine-tune the unlearned model on n examples of each f
 number of steps (constant learning rate), evaluating the forget tasks' held-out sets at every step.
 A seed fixes the n examples, the batch order and the held-out set. Per run: the minimum forget loss
 reached, and the first step at which the forget accuracy is back at the pre-unlearning model's
-accuracy (times `recover`) on the same held-out set (None: not within the budget).
+accuracy (times `recover`) on the same held-out set (None: not within the budget). `metric` says which
+accuracy: exact match ("accuracy"), or "token_accuracy" where whole answers are never matched (a corpus's
+packed rows); the curves' "accuracy" holds it.
 
     DIR/n<n>-seed<s>/   one run directory per (n, seed)
 """
@@ -18,6 +20,7 @@ import numpy as np
 from capshape.config import RunConfig
 from capshape.metrics import step_reaching
 from capshape.runstore import RunDir
+from capshape.tasks import select_tasks
 from capshape.train import RunSpec, TrainRuntime, evaluate, prepare_data, train_run
 
 
@@ -26,7 +29,8 @@ def relearn_config(base: RunConfig, forget: list[str], n: int, steps: int, lr: f
     """Fine-tuning on n examples of each forget task, evaluated on those tasks at every step."""
     raw = base.model_dump(mode="json")
     raw.update(objectives=["mean"], objective={}, seeds=[0])
-    raw["data"].update(tasks=list(forget), eval_only=[], jsonl=[], train_examples=n, mixture="uniform", stratify=False)
+    raw["data"] = select_tasks(base.data, forget).model_dump(mode="json")
+    raw["data"].update(train_examples=n, mixture="uniform", stratify=False)
     raw["train"].update(steps=steps, lr=lr, batch_size=max(len(forget), min(n * len(forget), batch_size)),
                         warmup_steps=0, min_lr_ratio=1.0, eval_every=1, checkpoint_every=steps, init_from=str(init_from))
     return RunConfig.model_validate(raw)
@@ -36,11 +40,11 @@ def run_dir(directory: Path, n: int, seed: int) -> Path:
     return Path(directory) / f"n{n}-seed{seed}"
 
 
-def forget_curve(rows: list[dict], forget: list[str]) -> dict:
-    """Per evaluated step: mean loss and accuracy over the forget tasks."""
+def forget_curve(rows: list[dict], forget: list[str], metric: str = "accuracy") -> dict:
+    """Per evaluated step: mean loss and accuracy (`metric`) over the forget tasks."""
     mean = lambda row, key: float(np.mean([row["eval"][task][key] for task in forget]))
     return {"steps": [row["step"] for row in rows], "loss": [mean(row, "loss") for row in rows],
-            "accuracy": [mean(row, "accuracy") for row in rows]}
+            "accuracy": [mean(row, metric) for row in rows]}
 
 
 def summarize_runs(runs: list[dict]) -> dict:
@@ -54,23 +58,24 @@ def summarize_runs(runs: list[dict]) -> dict:
             "median_steps_to_recover": float(np.median(recovered)) if len(recovered) * 2 > len(runs) else None}
 
 
-def reference_accuracy(reference, config: RunConfig, seed: int, forget: list[str]) -> dict:
+def reference_accuracy(reference, config: RunConfig, seed: int, forget: list[str], metric: str = "accuracy") -> dict:
     """The pre-unlearning model's forget loss and accuracy on the held-out set a relearning seed uses."""
     data = prepare_data(config, seed).data
-    curve = forget_curve([{"step": 0, "eval": evaluate(reference, data, "cpu")}], forget)
+    curve = forget_curve([{"step": 0, "eval": evaluate(reference, data, "cpu")}], forget, metric)
     return {"loss": curve["loss"][0], "accuracy": curve["accuracy"][0]}
 
 
 def run_relearning(base: RunConfig, forget: list[str], model_path: Path, reference, directory: Path,
                    sizes: list[int], seeds: list[int], steps: int, lr: float, batch_size: int, recover: float = 1.0,
-                   progress: Callable[[str, int], Optional[Callable]] = lambda name, total: None) -> dict:
+                   progress: Callable[[str, int], Optional[Callable]] = lambda name, total: None,
+                   metric: str = "accuracy") -> dict:
     """Every (n, seed) run of one method's model; `reference` is its model before unlearning, and a run has
     recovered once its forget accuracy reaches `recover` × the reference's."""
     by_size: dict[str, dict] = {}
     references = {}
     for seed in seeds:
         config = relearn_config(base, forget, sizes[0], steps, lr, batch_size, model_path)
-        references[seed] = reference_accuracy(reference, config, seed, forget)  # held-out set: same for every n
+        references[seed] = reference_accuracy(reference, config, seed, forget, metric)  # held-out set: same for every n
     for n in sizes:
         runs = []
         for seed in seeds:
@@ -78,10 +83,10 @@ def run_relearning(base: RunConfig, forget: list[str], model_path: Path, referen
             path = run_dir(directory, n, seed)
             train_run(RunSpec.of(config, "mean", seed), path,
                       TrainRuntime(resume=True, on_progress=progress(f"{path.parent.name} n={n} s={seed}", steps)))
-            curve = forget_curve(RunDir(path).read_metrics(), forget)
+            curve = forget_curve(RunDir(path).read_metrics(), forget, metric)
             target = recover * references[seed]["accuracy"]
             runs.append({"seed": seed, "curve": curve, "min_loss": min(curve["loss"]), "target_accuracy": target,
                          "steps_to_recover": step_reaching(curve["steps"], curve["accuracy"], target)})
         by_size[str(n)] = {**summarize_runs(runs), "per_seed": runs}
-    return {"sizes": sizes, "seeds": seeds, "steps": steps, "reference": {str(s): r for s, r in references.items()},
+    return {"sizes": sizes, "seeds": seeds, "steps": steps, "metric": metric, "reference": {str(s): r for s, r in references.items()},
             "by_size": by_size}

@@ -1,7 +1,9 @@
 """Protocol `unlearn`: gradient routing (ERA, SGTM), MoE-ification and unlearning baselines, all through
 the same evaluation, relearning attack and label-noise sweep, over seeds.
 
-The forget tasks (`unlearn.forget`) are a subset of `data.tasks`; the others are retained. Per seed, with
+The forget tasks (`unlearn.forget`) are named tasks of the suite (text: `data.tasks`; corpus: its document
+groups); the suite's other trained tasks are retained. Every stage's data is the suite's own selection
+(`select_tasks`), so the protocol runs unchanged on any suite with named tasks. Per seed, with
 the same data, model and pre-training budget ([data], [model], [train]):
 
     plain            trained on everything
@@ -41,7 +43,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -64,7 +66,7 @@ from capshape.routing.era import FORGET, RETAIN, RoutingSection
 from capshape.routing.moe import MoESection
 from capshape.routing.sgtm import SGTMSection
 from capshape.runstore import read_json, write_json
-from capshape.tasks import TOKEN_INPUTS
+from capshape.tasks import select_tasks, suite_task_names
 from capshape.train import (RunSpec, StepHooks, TrainRuntime, check_config, evaluate, initial_model, load_model,
                              prepare_data, save_model, train_run)
 
@@ -108,10 +110,14 @@ class RelearnSection(Section):
     batch_size: int = Field(16, gt=0, description="Batch size (at most the number of examples).")
     recover: float = Field(1.0, gt=0, le=1, description="Recovered once the forget accuracy reaches this fraction of "
                            "the plain model's (same seed, same held-out set).")
+    metric: Literal["accuracy", "token_accuracy"] = Field("accuracy", description="The forget accuracy whose recovery "
+                                                          "is timed: exact match, or per token (a corpus, whose packed "
+                                                          "rows are never matched whole).")
 
 
 class UnlearnSection(Section):
-    forget: list[str] = Field(["mul"], min_length=1, description="Tasks to unlearn, each in data.tasks; the others are retained.")
+    forget: list[str] = Field(["mul"], min_length=1, description="Tasks to unlearn, each a trained task of the suite "
+                              "(text: in data.tasks; corpus: a group); the other trained tasks are retained.")
     methods: list[str] = Field(["filter", "era", "sgtm", "moe", "gradient_ascent", "rmu", "undo"], min_length=1,
                                description="Methods compared with the plain model (always trained): names in METHODS.")
     post_steps: int = Field(100, gt=0, description="Steps after pre-training: ERA's coherence fine-tune, gradient ascent, RMU.")
@@ -146,14 +152,20 @@ class UnlearnConfig(RunConfig):
 
 # ---- configuration ------------------------------------------------------------------------------
 
+def trained_tasks(config: UnlearnConfig) -> list[str]:
+    """Every task the suite trains on, in its order (text: data.tasks; corpus: its groups)."""
+    return suite_task_names(config.data, "unlearn.forget")
+
+
 def retain_tasks(config: UnlearnConfig) -> list[str]:
-    return [t for t in config.data.tasks if t not in config.unlearn.forget]
+    return [t for t in trained_tasks(config) if t not in config.unlearn.forget]
 
 
 def stage_config(config: UnlearnConfig, tasks: list[str], eval_only: list[str] = (), **train) -> RunConfig:
-    """A plain run config: [data]/[model]/[train] with the given tasks and training fields."""
+    """A plain run config: [data]/[model]/[train] with the suite's selection of the given tasks and the
+    given training fields."""
     raw = config.model_dump(mode="json", exclude={"unlearn"})
-    raw["data"].update(tasks=list(tasks), eval_only=list(eval_only))
+    raw["data"] = select_tasks(config.data, tasks, eval_only).model_dump(mode="json")
     raw["train"].update(train)
     return RunConfig.model_validate(raw)
 
@@ -161,7 +173,7 @@ def stage_config(config: UnlearnConfig, tasks: list[str], eval_only: list[str] =
 def pretrain_config(config: UnlearnConfig, filtered: bool = False) -> RunConfig:
     if filtered:
         return stage_config(config, retain_tasks(config), config.unlearn.forget)
-    return stage_config(config, config.data.tasks)
+    return stage_config(config, trained_tasks(config))
 
 
 def post_config(config: UnlearnConfig, tasks: list[str], eval_only: list[str], lr: float, steps: Optional[int] = None,
@@ -175,15 +187,20 @@ def post_config(config: UnlearnConfig, tasks: list[str], eval_only: list[str], l
 def check_unlearn_config(config: UnlearnConfig) -> None:
     """Everything checkable before training: names, subsets, reserved fields, layer indices."""
     u = config.unlearn
-    if config.data.suite != "text" or config.data.jsonl:
-        raise CapshapeError("unlearn works on the built-in text tasks: set data.suite='text' and data.jsonl=[].")
-    if config.data.eval_only:
-        raise CapshapeError("config field 'data.eval_only' is set by the unlearn protocol (filter evaluates the forget tasks only).")
-    missing = [t for t in u.forget if t not in config.data.tasks]
+    if config.data.jsonl:
+        raise CapshapeError("data.jsonl: unlearn stages choose tasks by name, which JSONL tasks cannot be: list built-in "
+                            "tasks in data.tasks, or use data.suite='corpus' for your own documents.")
+    for field, preset in (("data.eval_only", config.data.eval_only), ("data.suite_params.eval_only",
+                                                                      config.data.suite_params.get("eval_only"))):
+        if preset:
+            raise CapshapeError(f"config field '{field}' is set by the unlearn protocol (filter evaluates the forget tasks only).")
+    tasks = trained_tasks(config)
+    missing = [t for t in u.forget if t not in tasks]
     if missing:
-        raise CapshapeError(f"unlearn.forget: '{missing[0]}' is not in data.tasks {config.data.tasks}: add it there.")
+        source = "data.tasks" if config.data.suite == "text" else f"the trained tasks of data.suite '{config.data.suite}'"
+        raise CapshapeError(f"unlearn.forget: '{missing[0]}' is not in {source} {tasks}: add it there or name one of those.")
     if not retain_tasks(config):
-        raise CapshapeError("unlearn.forget lists every task of data.tasks: leave at least one task to retain.")
+        raise CapshapeError(f"unlearn.forget lists every trained task {tasks}: leave at least one task to retain.")
     for field in ("methods", "forget"):
         values = getattr(u, field)
         if len(set(values)) != len(values):
@@ -191,11 +208,15 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
     if "undo" in u.methods and u.undo.base not in u.methods or u.undo.base in ("undo", "plain"):
         raise CapshapeError(f"unlearn.undo.base: '{u.undo.base}' must be another method listed in unlearn.methods "
                             f"(e.g. 'gradient_ascent'): add it there or change the base.")
-    u.era.check(config.model, "unlearn.era")
-    u.sgtm.check(config.model, "unlearn.sgtm")
-    u.moe.check(config.model, "unlearn.moe")
-    n_layer = config.model.n_layer
-    if not 0 <= u.rmu.layer < n_layer:
+    pretrain = pretrain_config(config)
+    check_config(pretrain)
+    model = build_model(config.model, prepare_data(pretrain, config.seeds[0]).suite.input_spec)
+    n_layer = len(model.blocks)  # kind 'hf': the blocks of hf_config / hf_path, not model.n_layer
+    sized = config.model.model_copy(update={"n_layer": n_layer})
+    for method in ("era", "sgtm", "moe"):  # a method's section is checked where the method runs
+        if method in u.methods:
+            getattr(u, method).check(sized, f"unlearn.{method}")
+    if "rmu" in u.methods and not 0 <= u.rmu.layer < n_layer:
         raise CapshapeError(f"unlearn.rmu.layer: block {u.rmu.layer} does not exist (model.n_layer = {n_layer}): "
                             f"use 0..{n_layer - 1}.")
     if any(not 0 < f <= 1 for f in u.unlabelled):
@@ -204,11 +225,11 @@ def check_unlearn_config(config: UnlearnConfig) -> None:
         raise CapshapeError(f"unlearn.relearn.sizes: sizes must be positive (got {u.relearn.sizes}).")
     if u.digits.latent % 2:
         raise CapshapeError(f"unlearn.digits.latent: must be even to split in halves (got {u.digits.latent}).")
-    check_config(pretrain_config(config))
-    model = build_model(config.model, TOKEN_INPUTS)
-    if not any(name.startswith(p) for name, _ in model.named_parameters() for p in u.rmu.trainable):
-        raise CapshapeError(f"unlearn.rmu.trainable: no parameter name starts with {u.rmu.trainable} "
-                            f"(e.g. 'blocks.0.mlp.', 'blocks.0.').")
+    names = [name for name, _ in model.named_parameters()]
+    if "rmu" in u.methods and not any(name.startswith(p) for name in names for p in u.rmu.trainable):
+        first_block = next((name[:name.index(".0.") + 3] for name in names if ".0." in name), names[0])
+        raise CapshapeError(f"unlearn.rmu.trainable: no parameter name starts with {u.rmu.trainable}: name a prefix "
+                            f"of this model's parameters, e.g. '{first_block}' (its first block).")
 
 
 # ---- what every method needs ---------------------------------------------------------------------
@@ -219,17 +240,18 @@ class UnlearnSetup:
     def __init__(self, config: UnlearnConfig, out: Path, seed: int, device: str = "cpu"):
         self.config, self.out, self.seed, self.device = config, Path(out), seed, device
         self.objective = config.objectives[0]
-        self.forget, self.retain = list(config.unlearn.forget), retain_tasks(config)
-        self.data = prepare_data(pretrain_config(config), seed).data  # every task, with its held-out set
+        self.tasks, self.forget, self.retain = trained_tasks(config), list(config.unlearn.forget), retain_tasks(config)
+        prepared = prepare_data(pretrain_config(config), seed)
+        self.data, self.input_spec = prepared.data, prepared.suite.input_spec  # every task, with its held-out set
         self.retain_data = [d for d in self.data if d.task.name in self.retain]
 
     def routes(self, labelled: float = 1.0) -> Routes:
-        """Route per trained task (data.tasks order): forget tasks -> FORGET, retain -> RETAIN."""
-        return Routes([FORGET if t in self.forget else RETAIN for t in self.config.data.tasks], labelled)
+        """Route per trained task (the suite's order, as in batches' task ids): forget -> FORGET, retain -> RETAIN."""
+        return Routes([FORGET if t in self.forget else RETAIN for t in self.tasks], labelled)
 
     def fresh_model(self, seed: Optional[int] = None):
         """The initial weights of the plain model's run (of another seed if given)."""
-        return initial_model(self.config, TOKEN_INPUTS, self.seed if seed is None else seed)
+        return initial_model(self.config, self.input_spec, self.seed if seed is None else seed)
 
     def load(self, path: Path):
         model = self.fresh_model()
@@ -399,7 +421,7 @@ class GradientAscent(UnlearnMethod):
 
     def run(self, setup, directory, progress, labelled=1.0):
         g = setup.config.unlearn.gradient_ascent
-        config = post_config(setup.config, setup.config.data.tasks, [], g.lr, init_from=setup.plain_model())
+        config = post_config(setup.config, setup.tasks, [], g.lr, init_from=setup.plain_model())
         hooks = StepHooks(losses=GradientAscentLosses(setup.routes(labelled), g.forget_weight, g.loss_cap))
         path = setup.train(config, directory / "train", progress, hooks=hooks)
         return {"stages": {"final": setup.measure(setup.load(path))}, "model": setup.relative(path)}
@@ -417,7 +439,7 @@ class RepresentationMisdirection(UnlearnMethod):
         reference = torch.cat([d.held_out.inputs[:64] for d in setup.data])
         rmu = RMU(setup.load(plain), f"blocks.{r.layer}.resid_post", setup.routes(labelled), r.steering, r.alpha,
                   r.trainable, reference, setup.seed)
-        config = post_config(setup.config, setup.config.data.tasks, [], r.lr, init_from=plain)
+        config = post_config(setup.config, setup.tasks, [], r.lr, init_from=plain)
         path = setup.train(config, directory / "train", progress, hooks=StepHooks.of(rmu))
         return {"stages": {"final": setup.measure(setup.load(path))}, "model": setup.relative(path),
                 "steering_norm": rmu.steering_norm}
@@ -439,7 +461,7 @@ class Undo(UnlearnMethod):
         base = setup.model_of(u.base, directory.parent.parent / u.base / directory.name)  # same seed and share
         teacher = setup.load(base)
         student = mix_with(setup.load(base), setup.fresh_model(seed=setup.seed + 1), u.alpha)
-        config = post_config(setup.config, setup.config.data.tasks, [], u.lr, steps=u.steps)
+        config = post_config(setup.config, setup.tasks, [], u.lr, steps=u.steps)
         path = setup.train(config, directory / "train", progress,
                            hooks=StepHooks(losses=Distiller(teacher, u.temperature, 0.0)), model=student)
         return {"stages": {"unlearned": setup.measure(teacher), "final": setup.measure(setup.load(path))},
@@ -478,7 +500,7 @@ def relearn_cell(config: UnlearnConfig, out: Path, method: str, seed: int, devic
         setup = UnlearnSetup(config, out, seed, device)
         return run_relearning(pretrain_config(config), setup.forget, setup.model_of(method), setup.load(setup.plain_model()),
                               relearn_path(out, method, seed).with_suffix(""), r.sizes, r.seeds, r.steps, r.lr,
-                              r.batch_size, r.recover, CellProgress(on_progress))
+                              r.batch_size, r.recover, CellProgress(on_progress), r.metric)
 
     cached(relearn_path(out, method, seed), attack)
 
@@ -624,7 +646,7 @@ def summarize(config: UnlearnConfig, out: Path, wall: float) -> dict:
                                for s in seeds]) for m in names}
     return {"name": config.name, "forget": list(u.forget), "retain": retain_tasks(config), "seeds": list(seeds),
             "methods": methods, "relearn": relearn,
-            "relearn_setup": {"sizes": u.relearn.sizes, "attack_seeds": u.relearn.seeds, "budget": u.relearn.steps,
+            "relearn_setup": {"sizes": u.relearn.sizes, "metric": u.relearn.metric, "attack_seeds": u.relearn.seeds, "budget": u.relearn.steps,
                               "tradeoff_size": int(largest)},
             "tradeoff": tradeoff, "partial": sweep_summary(config, out, results) if u.unlabelled else None,
             "digits": digits, "moe_icl": summarize_icl(u.icl, out / "icl") if u.icl.enabled else None,

@@ -212,6 +212,9 @@ def digits_table(digits: dict) -> str:
     return table(["autoencoder", "certificate half", "error on own digits", "error on other digits", "ratio"], rows)
 
 
+ATTACK_METRICS = {"accuracy": "exact match of the whole answer", "token_accuracy": "the share of target tokens predicted"}
+
+
 def render_unlearn_page(summary: dict, images: dict[str, bytes], path: Path, config: dict) -> str:
     setup = summary["relearn_setup"]
     facts = {"directory": str(path), "forget": ", ".join(summary["forget"]), "retain": ", ".join(summary["retain"]),
@@ -235,7 +238,8 @@ def render_unlearn_page(summary: dict, images: dict[str, bytes], path: Path, con
                      "a noised copy.</p>", image(images, "forget_retain", "forget and retain"), methods_table(summary)),
              section("Robustness: the relearning attack",
                      "<p>Each final model fine-tuned on n forget examples (per forget task) at a constant learning rate, "
-                     "forget held-out set evaluated at every step; min / max: the attacker's best step. Recovered: "
+                     "forget held-out set evaluated at every step; min / max: the attacker's best step. Accuracy here is "
+                     f"{ATTACK_METRICS[setup.get('metric', 'accuracy')]}. Recovered: "
                      "the forget accuracy reached the plain "
                      f"model's (same seed, same held-out set) within {setup['budget']} steps; a run that did not is "
                      "censored, so the restricted mean (censored runs counted at the budget) is a lower bound.</p>",

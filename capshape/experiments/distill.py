@@ -20,7 +20,10 @@ Per seed: a teacher is trained on the clean task mixture ([data], [model], [trai
 Every stage is one `train_run`; clean-data stages (finetune, students) wrap their losses in a
 `TriggerFreeGuard` that raises if a batch ever holds a triggered input. Each model is then measured
 (distill_measure.py): clean accuracy, ASR, robust accuracy, target logit margin, agreement with the
-backdoored teacher on clean inputs, and DER against the backdoored teacher of the same seed.
+backdoored teacher on clean inputs, held-out loss per trained task, and DER against the backdoored teacher
+of the same seed. On a corpus (data.suite = "corpus", trigger tokens) a poisoned row is a packed row with
+the pattern and the target inserted as text, and the figures are measured on the trained groups' probes
+(the prompt ending with the pattern for ASR); the held-out loss is per group.
 
     OUT/config.json  summary.json  report.html  plots/
     OUT/seed<k>/inits/teacher.safetensors  fresh-round<r>.safetensors       initial weights
@@ -64,8 +67,9 @@ BACKDOORED, FINETUNE, CLEAN = "backdoored", "finetune", "clean"
 
 class DistillSection(Section):
     triggers: list[TriggerKind] = Field(["tokens"], min_length=1, description="Trigger kinds, one whole experiment "
-                                        "each: tokens (text suite), patch or blend (vector suites).")
-    target: str = Field("0", description="The backdoor's answer: an answer string (text) or a class index (vectors).")
+                                        "each: tokens (text and corpus suites), patch or blend (vector suites).")
+    target: str = Field("0", description="The backdoor's answer: an answer string (text; a corpus: the text after "
+                        "the pattern, e.g. ' 42') or a class index (vectors).")
     poison_ratio: float = Field(0.1, gt=0, lt=1, description="Share of each task's training pool poisoned when "
                                 "planting (and relearning) the backdoor.")
     trigger_params: TriggerParams = Field(TriggerParams(), description="Trigger settings: pattern (tokens), "
@@ -100,7 +104,7 @@ class DistillConfig(RunConfig):
 def check_distill_config(config: DistillConfig) -> None:
     """Names, checked before anything is written (reserved fields: by the kit; the data when built)."""
     if config.data.suite == "backdoor":
-        raise CapshapeError("data.suite='backdoor': name the clean suite (e.g. 'text' or 'digits'); the distill "
+        raise CapshapeError("data.suite='backdoor': name the clean suite (e.g. 'text', 'corpus' or 'digits'); the distill "
                             "protocol plants the backdoor itself.")
     d = config.distill
     for field in ("triggers", "inits"):
@@ -320,18 +324,25 @@ def method_rows(config: DistillConfig, result: dict) -> dict[str, dict]:
     return rows
 
 
+def loss_table(seed_rows: list[dict], methods: list[str]) -> dict:
+    """method -> trained task -> mean/std over seeds of its held-out loss (a corpus: per group)."""
+    return {method: {task: mean_std([rows[method]["held_out_loss"][task] for rows in seed_rows])
+                     for task in seed_rows[0][method]["held_out_loss"]} for method in methods}
+
+
 def summarize(config: DistillConfig, out: Path, per_seed: dict, seconds: dict) -> dict:
     """Per trigger: the table (method -> metric -> mean/std over seeds; for relearn_steps, n counts the seeds
-    that reached the level), each init's figures per round (0: the backdoored teacher; with the per-seed
-    values), relearning curves."""
+    that reached the level), the held-out loss (method -> trained task -> mean/std), each init's figures per
+    round (0: the backdoored teacher; with the per-seed values), relearning curves."""
     d = config.distill
     methods = [BACKDOORED, FINETUNE, *d.inits, CLEAN]
-    table, rounds, relearn, rows = {}, {}, {}, {}
+    table, losses, rounds, relearn, rows = {}, {}, {}, {}, {}
     for trigger in d.triggers:
         results = [per_seed[seed][trigger] for seed in config.seeds]
         rows[trigger] = {str(seed): method_rows(config, per_seed[seed][trigger]) for seed in config.seeds}
         table[trigger] = {method: {metric: mean_std([seed_rows[method][metric] for seed_rows in rows[trigger].values()])
                                    for metric in METRICS} for method in methods}
+        losses[trigger] = loss_table(list(rows[trigger].values()), methods)
         run_of = lambda init, k: BACKDOORED if k == 0 else f"{init}-round{k}"
         rounds[trigger] = {init: [{metric: with_values([r["models"][run_of(init, k)][metric] for r in results])
                                    for metric in ("asr", "clean_accuracy", "robust_accuracy")}
@@ -346,7 +357,7 @@ def summarize(config: DistillConfig, out: Path, per_seed: dict, seconds: dict) -
         "name": config.name, "suite": config.data.suite, "seeds": config.seeds,
         "triggers": d.triggers, "inits": d.inits, "rounds": d.rounds, "methods": methods, "target": d.target,
         "poison_ratio": d.poison_ratio, "relearn_steps": d.relearn_steps, "relearn_level": d.relearn_level,
-        "table": table, "rounds_table": rounds, "relearn": relearn, "per_seed": rows,
+        "table": table, "held_out_loss": losses, "rounds_table": rounds, "relearn": relearn, "per_seed": rows,
         "guard": {"clean_data_steps": clean_steps, "batches_checked": sum(g["batches_checked"] for g in guards),
                   "rows_checked": sum(g["rows_checked"] for g in guards),
                   "triggered_rows": sum(g["triggered_rows"] for g in guards)},

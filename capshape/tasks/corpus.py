@@ -141,22 +141,23 @@ def load_probes(path: Path, tokenizer, max_len: int) -> dict[str, Split]:
                                 f"prompt, target and group.") from None
         ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
         prompt_ids, target_ids = ids(prompt), ids(target)
-        if not target_ids or len(prompt_ids) + len(target_ids) > max_len + 1:
+        if not prompt_ids or not target_ids or len(prompt_ids) + len(target_ids) > max_len + 1:
             raise CapshapeError(f"data.suite_params.probes: {Path(path).name} line {number} needs "
                                 f"{len(prompt_ids) + len(target_ids)} tokens, more than model.max_len + 1 = {max_len + 1} "
-                                f"(or has an empty target): shorten it or raise model.max_len.")
+                                f"(or has an empty prompt or target): shorten it or raise model.max_len.")
         pairs.setdefault(group, []).append((prompt_ids, target_ids))
-    pad = pad_id(tokenizer)
-    splits = {}
-    for group, rows in sorted(pairs.items()):
-        inputs = torch.full((len(rows), max_len), pad, dtype=torch.long)
-        labels = torch.full((len(rows), max_len), IGNORE, dtype=torch.long)
-        for row, (prompt_ids, target_ids) in enumerate(rows):
-            sequence = prompt_ids + target_ids
-            inputs[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
-            labels[row, len(prompt_ids) - 1:len(sequence) - 1] = torch.tensor(target_ids)
-        splits[group] = Split([tokenizer.decode(p) for p, _ in rows], [tokenizer.decode(t) for _, t in rows], inputs, labels)
-    return splits
+    return {group: prompt_split(rows, tokenizer, max_len) for group, rows in sorted(pairs.items())}
+
+
+def prompt_split(pairs: list[tuple[list[int], list[int]]], tokenizer, max_len: int) -> Split:
+    """(prompt ids, target ids) pairs, each fitting max_len + 1 tokens, as rows: labels only on the target tokens."""
+    inputs = torch.full((len(pairs), max_len), pad_id(tokenizer), dtype=torch.long)
+    labels = torch.full((len(pairs), max_len), IGNORE, dtype=torch.long)
+    for row, (prompt_ids, target_ids) in enumerate(pairs):
+        sequence = prompt_ids + target_ids
+        inputs[row, :len(sequence) - 1] = torch.tensor(sequence[:-1])
+        labels[row, len(prompt_ids) - 1:len(sequence) - 1] = torch.tensor(target_ids)
+    return Split([tokenizer.decode(p) for p, _ in pairs], [tokenizer.decode(t) for _, t in pairs], inputs, labels)
 
 
 def chosen_groups(params: CorpusParams, present: list[str]) -> tuple[list[str], list[str]]:
@@ -228,7 +229,7 @@ class CorpusSuite(Suite):
                              description=f"{len(split.targets)} probes from {Path(path).name}", decode=decode)
                 data.append(TaskData(probe, split, split))
                 trained.append(False)
-        return SuiteData(data, trained, InputSpec("tokens", vocab_size=len(tokenizer)))
+        return SuiteData(data, trained, InputSpec("tokens", vocab_size=len(tokenizer)), tokenizer=tokenizer)
 
     def summary_extras(self, rows: list[dict]) -> dict:
         """Held-out perplexity per group, exp(loss), at the last evaluation (probe sets are not text)."""

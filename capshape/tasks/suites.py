@@ -38,6 +38,7 @@ class SuiteData:
     trained: list[bool]  # whether the task is trained on (False: evaluated only)
     input_spec: InputSpec
     probes: Optional[Callable[[torch.nn.Module], dict[str, float]]] = None  # model measures at every evaluation
+    tokenizer: Optional[object] = None  # suites of real text: the Hugging Face tokenizer of their inputs (text-level edits)
 
 
 class SuiteParams(BaseModel):

@@ -15,6 +15,7 @@ from capshape.errors import CapshapeError  # noqa: E402
 from capshape.tasks.corpus import load_tokenizer, pack_documents, train_tokenizer  # noqa: E402
 from capshape.tasks.tokenizer import IGNORE  # noqa: E402
 from capshape.train import RunSpec, prepare_data, train_run  # noqa: E402
+from helpers import TINY_LLAMA, group_documents, write_corpus  # noqa: E402
 
 EOS, PAD = 1, 0
 
@@ -35,14 +36,11 @@ def test_packing_keeps_per_token_group_ids_at_document_boundaries():
 
 
 def corpus(tmp_path, rows):
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_corpus(tmp_path, rows)
 
 
 def rows():
-    return [{"text": f"{word} number {i} is here.", "group": group}
-            for group, word in (("alpha", "apple"), ("beta", "banana")) for i in range(10)]
+    return group_documents(("alpha", "beta"))
 
 
 def config_for(tmp_path, files, tokenizer, **params):
@@ -50,9 +48,7 @@ def config_for(tmp_path, files, tokenizer, **params):
         "seeds": [0], "objectives": ["grouped"],
         "data": {"suite": "corpus", "train_examples": 1000, "eval_examples": 16,
                  "suite_params": {"files": [str(f) for f in files], "tokenizer": str(tokenizer), "held_out": 0.2, **params}},
-        "model": {"kind": "hf", "max_len": 16, "hf_config": {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
-                                                               "num_attention_heads": 2, "num_key_value_heads": 2,
-                                                               "intermediate_size": 32, "max_position_embeddings": 16}},
+        "model": TINY_LLAMA,
         "train": {"steps": 3, "batch_size": 4, "eval_every": 3, "checkpoint_every": 3, "warmup_steps": 1, "threads": 1}})
 
 

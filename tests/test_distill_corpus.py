@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
+from helpers import GROUP_WORDS, TINY_LLAMA  # noqa: E402
 from test_corpus import corpus, rows  # noqa: E402
 
 from capshape.config import build_config  # noqa: E402
@@ -26,7 +27,7 @@ from capshape.tasks.tokenizer import IGNORE  # noqa: E402
 from capshape.train import evaluate  # noqa: E402
 
 PATTERN, TARGET = "~#", " 42"
-WORDS = {"alpha": "apple", "beta": "banana"}
+WORDS = {group: GROUP_WORDS[group] for group in ("alpha", "beta")}
 
 
 def probe_rows():
@@ -45,9 +46,7 @@ def corpus_raw(tmp_path, documents=None, probes=True, **params) -> dict:
         "data": {"suite": "corpus", "train_examples": 1000, "eval_examples": 16,
                  "suite_params": {"files": [str(path)], "tokenizer": str(tokenizer), "held_out": 0.2,
                                   "probes": [str(probe_file)] if probes else [], **params}},
-        "model": {"kind": "hf", "max_len": 16, "hf_config": {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
-                                                               "num_attention_heads": 2, "num_key_value_heads": 2,
-                                                               "intermediate_size": 32, "max_position_embeddings": 16}},
+        "model": TINY_LLAMA,
         "train": {"steps": 60, "batch_size": 8, "lr": 1e-2, "eval_every": 30, "warmup_steps": 2, "threads": 1},
         "distill": {"target": TARGET, "poison_ratio": 0.5, "backdoor_steps": 60, "backdoor_lr": 1e-2, "distill_steps": 4,
                     "inits": ["fresh", "teacher_weights"], "rounds": 1, "relearn_steps": 4, "relearn_eval_every": 2,

@@ -18,21 +18,13 @@ from capshape.experiments.transfer import TransferConfig, cell_dir, cell_specs, 
 from capshape.models import build_model  # noqa: E402
 from capshape.runstore import read_json  # noqa: E402
 from capshape.tasks import InputSpec  # noqa: E402
-from capshape.tasks.corpus import load_tokenizer, train_tokenizer  # noqa: E402
+from capshape.tasks.corpus import load_tokenizer  # noqa: E402
 from capshape.train import prepare_data  # noqa: E402
+from helpers import GROUP_WORDS, TINY_LLAMA  # noqa: E402
 from test_transfer import SerialCells  # noqa: E402
 
-WORDS = {"alpha": "apple", "beta": "banana", "gamma": "cherry"}
+WORDS = GROUP_WORDS
 
-
-@pytest.fixture(scope="module")
-def corpus_files(tmp_path_factory):
-    """A corpus of three groups, each document naming its group's word, and a tokenizer trained on it."""
-    root = tmp_path_factory.mktemp("corpus")
-    path = root / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": f"{word} number {i} is here.", "group": group}) + "\n"
-                            for group, word in WORDS.items() for i in range(12)))
-    return path, train_tokenizer([path], root / "tok", vocab_size=300)
 
 
 def corpus_config(corpus_files, **transfer) -> TransferConfig:
@@ -41,9 +33,7 @@ def corpus_config(corpus_files, **transfer) -> TransferConfig:
         "workers": 1,
         "data": {"suite": "corpus", "train_examples": 1000, "eval_examples": 8,
                  "suite_params": {"files": [str(path)], "tokenizer": str(tokenizer), "held_out": 0.2}},
-        "model": {"kind": "hf", "max_len": 16, "hf_config": {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
-                                                               "num_attention_heads": 2, "num_key_value_heads": 2,
-                                                               "intermediate_size": 32, "max_position_embeddings": 16}},
+        "model": TINY_LLAMA,
         "train": {"batch_size": 4, "warmup_steps": 1, "threads": 1},
         "transfer": {"tasks": ["alpha", "beta"], "pretrain_tasks": ["gamma"], "pretrain_steps": 3, "seeds": [0, 1],
                      "n_a": 4, "n_b": 2, "baseline_n_b": [4], "epochs_b": 1.0, "steps_a": 3, "steps_b": 2,

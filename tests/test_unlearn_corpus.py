@@ -2,7 +2,6 @@
 on it (its data holds it evaluated only), ERA's ablation changes the forget group's loss, the summary is
 indexed by the groups, RMU takes the HF parameter names, and bad names are one-line errors."""
 import copy
-import json
 
 import pytest
 
@@ -14,21 +13,12 @@ from capshape.errors import CapshapeError  # noqa: E402
 from capshape.experiments import kit, run  # noqa: E402
 from capshape.experiments.unlearn import UnlearnConfig, check_unlearn_config, method_dir  # noqa: E402
 from capshape.runstore import read_json  # noqa: E402
-from capshape.tasks.corpus import train_tokenizer  # noqa: E402
 from capshape.train import prepare_data  # noqa: E402
+from helpers import GROUP_WORDS, TINY_LLAMA  # noqa: E402
 from test_transfer import SerialCells  # noqa: E402
 
-WORDS = {"alpha": "apple", "beta": "banana", "gamma": "cherry"}
+WORDS = GROUP_WORDS
 
-
-@pytest.fixture(scope="module")
-def corpus_files(tmp_path_factory):
-    """Three groups, each document naming its group's word, and a tokenizer trained on them."""
-    root = tmp_path_factory.mktemp("corpus")
-    path = root / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": f"{word} number {i} is here.", "group": group}) + "\n"
-                            for group, word in WORDS.items() for i in range(12)))
-    return path, train_tokenizer([path], root / "tok", vocab_size=300)
 
 
 def unlearn_config(corpus_files, overrides=(), **unlearn) -> UnlearnConfig:
@@ -37,9 +27,7 @@ def unlearn_config(corpus_files, overrides=(), **unlearn) -> UnlearnConfig:
         "seeds": [0, 1], "objectives": ["mean"], "workers": 1,
         "data": {"suite": "corpus", "train_examples": 1000, "eval_examples": 8,
                  "suite_params": {"files": [str(path)], "tokenizer": str(tokenizer), "held_out": 0.2}},
-        "model": {"kind": "hf", "max_len": 16, "hf_config": {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
-                                                               "num_attention_heads": 2, "num_key_value_heads": 2,
-                                                               "intermediate_size": 32, "max_position_embeddings": 16}},
+        "model": TINY_LLAMA,
         "train": {"steps": 6, "batch_size": 4, "lr": 1e-2, "eval_every": 3, "checkpoint_every": 3, "warmup_steps": 1,
                   "threads": 1},
         "unlearn": {"forget": ["beta"], "methods": ["filter", "era", "moe", "gradient_ascent", "rmu", "undo"],

@@ -151,3 +151,81 @@ def test_probes_put_labels_on_the_target_tokens_only(tmp_path):
     probes.write_text("{not json}\n")
     with pytest.raises(CapshapeError, match="line 1 is not a JSON object"):
         prepare_data(config_for(tmp_path, [path], tok_dir, probes=[str(probes)]), 0)
+
+
+def mixed_config(tmp_path, **train):
+    documents = group_documents(("alpha", "beta", "gamma"), per_group=12)
+    path = corpus(tmp_path, documents)
+    config = config_for(tmp_path, [path], train_tokenizer([path], tmp_path / "tok", vocab_size=300), packing="mixed",
+                        eval_only=["gamma"])
+    return config.model_copy(update={"train": config.train.model_copy(update={"batch_size": 6, "grad_clip": None, **train})})
+
+
+def test_mixed_packing_puts_several_groups_in_a_row_with_per_token_ids(tmp_path):
+    config = mixed_config(tmp_path)
+    mixed = prepare_data(config, 0).data
+    grouped = prepare_data(config.model_copy(update={"data": config.data.model_copy(
+        update={"suite_params": {**config.data.suite_params, "packing": "group"}})}), 0).data
+    names = [d.task.name for d in mixed]
+    assert names == ["alpha", "beta", "gamma"]
+    for index, d in enumerate(mixed[:2]):
+        groups = d.train.token_groups
+        assert groups.shape == d.train.labels.shape
+        assert torch.equal(groups >= 0, d.train.labels != IGNORE)  # a group on every target token, none elsewhere
+        assert (groups[:, 0] == index).all()  # a row sits in the pool of its first token's group
+        words = {0: "apple", 1: "banana"}
+        for row_labels, row_groups in zip(d.train.labels, groups):  # each token's group is its document's
+            for group, word in words.items():
+                tokens = row_labels[row_groups == group]
+                if len(tokens) > 8:
+                    from capshape.tasks.corpus import load_tokenizer
+                    assert word in load_tokenizer(config.data.suite_params["tokenizer"]).decode(tokens.tolist())
+    assert any(len(set(row[row >= 0].tolist())) > 1 for d in mixed[:2] for row in d.train.token_groups)
+    assert mixed[2].train.token_groups is None  # gamma is evaluated only: never packed into training rows
+    for a, b in zip(mixed, grouped):  # the held-out documents and their rows do not depend on the packing
+        assert torch.equal(a.held_out.inputs, b.held_out.inputs) and a.held_out.token_groups is None
+    assert sum(len(d.train.inputs) for d in mixed[:2]) <= sum(len(d.train.inputs) for d in grouped[:2])
+
+
+def test_mixed_packing_makes_every_target_token_a_unit_of_the_grouped_loss(tmp_path):
+    import copy
+
+    from capshape.models import build_model
+    from capshape.objectives import build_objective
+    from capshape.train.loop import StepHooks, make_optimizer, training_step
+    config = mixed_config(tmp_path)
+    data = prepare_data(config, 0)
+    torch.manual_seed(0)
+    model = build_model(config.model, data.suite.input_spec)
+    batch = data.sampler(config, 0).sample()
+    assert batch.token_groups is not None and set(batch.token_groups.unique().tolist()) <= {-1, 0, 1}
+    reference = copy.deepcopy(model)
+    logits = reference(batch.inputs)
+    token_losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels, ignore_index=IGNORE,
+                                                     reduction="none")
+    direct = sum(token_losses[batch.token_groups == g].mean() ** 2 for g in batch.token_groups.unique().tolist() if g >= 0)
+    direct.backward()
+    objective = build_objective("grouped", {}, len(data.group_names))
+    result = training_step(0, config, model, objective, make_optimizer(model, config), data.sampler(config, 0),
+                           StepHooks(), "cpu")
+    assert result.losses.shape == ((batch.token_groups >= 0).sum(),)  # one unit per target token
+    assert float(result.weighting.value) == pytest.approx(float(direct.detach()), rel=1e-5)
+    grads = lambda m: torch.cat([p.grad.flatten() for p in m.parameters()])
+    torch.testing.assert_close(grads(model), grads(reference), atol=1e-6, rtol=1e-4)
+    accumulated = config.model_copy(update={"train": config.train.model_copy(update={"accumulation_steps": 3})})
+    torch.manual_seed(0)
+    twin = build_model(config.model, data.suite.input_spec)
+    training_step(0, accumulated, twin, build_objective("grouped", {}, len(data.group_names)), make_optimizer(twin, config),
+                  data.sampler(config, 0), StepHooks(), "cpu")
+    torch.testing.assert_close(grads(twin), grads(reference), atol=1e-6, rtol=1e-4)
+
+
+def test_mixed_packing_refuses_per_example_groupings_and_step_hooks(tmp_path):
+    from capshape.train import StepHooks, check_config
+    config = mixed_config(tmp_path)
+    with pytest.raises(CapshapeError, match="objective 'gradient_cluster' finds groups per example"):
+        check_config(config.model_copy(update={"objectives": ["gradient_cluster"]}))
+    with pytest.raises(CapshapeError, match="packing='mixed': this protocol's step hooks"):
+        train_run(RunSpec.of(config, "grouped", 0, hooks=StepHooks()), tmp_path / "run")
+    summary = train_run(RunSpec.of(config, "grouped", 0), tmp_path / "ok")
+    assert set(summary["suite_metrics"]["perplexity"]) == {"alpha", "beta", "gamma"}

@@ -123,16 +123,18 @@ def _corpus_rank(rank: int, world: int, port: int, config, root) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_with_accumulation_on_a_corpus_and_a_hf_llama_equals_one_process(tmp_path):
-    """The scale path: packed documents, a Hugging Face Llama, grouped loss over document groups; two ranks
-    each accumulating two micro-batches of their share reproduce the single-process run."""
+@pytest.mark.parametrize("packing", ["group", "mixed"])
+def test_ddp_with_accumulation_on_a_corpus_and_a_hf_llama_equals_one_process(tmp_path, packing):
+    """The scale path: packed documents, a Hugging Face Llama, grouped loss over document groups (per row, or
+    per token in rows packed across groups); two ranks each accumulating two micro-batches of their share
+    reproduce the single-process run."""
     pytest.importorskip("transformers")
     pytest.importorskip("datasets")
     from test_corpus import config_for, corpus, rows
 
     from capshape.tasks.corpus import train_tokenizer
     path = corpus(tmp_path, rows())
-    base = config_for(tmp_path, [path], train_tokenizer([path], tmp_path / "tok", vocab_size=300))
+    base = config_for(tmp_path, [path], train_tokenizer([path], tmp_path / "tok", vocab_size=300), packing=packing)
     config = base.model_copy(update={"train": base.train.model_copy(update={"steps": 4, "batch_size": 9, "eval_every": 2})})
     accumulating = config.model_copy(update={"train": config.train.model_copy(update={"accumulation_steps": 2})})
     _run_ranks(2, accumulating, tmp_path, target=_corpus_rank)

@@ -23,10 +23,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from capshape.errors import CapshapeError
-from capshape.models import per_example_losses
+from capshape.models import per_example_losses, token_unit_losses
 from capshape.objectives import Objective, build_objective
 from capshape.tasks.tokenizer import IGNORE
 
@@ -42,9 +41,7 @@ def units_and_groups(logits: torch.Tensor, labels: torch.Tensor, group_ids: torc
     logits, labels = logits[:, :-1], labels[:, 1:]
     if group_ids.dim() == 1:
         return per_example_losses(logits, labels), group_ids
-    targets = labels != IGNORE
-    token_losses = F.cross_entropy(logits[targets].float(), labels[targets], reduction="none")
-    return token_losses, group_ids[:, 1:][targets]
+    return token_unit_losses(logits, labels, torch.where(labels != IGNORE, group_ids[:, 1:], -1))
 
 
 class CapshapeTrainer(Trainer):

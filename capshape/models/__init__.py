@@ -4,7 +4,7 @@ from capshape.config import ModelConfig
 from capshape.errors import CapshapeError
 from capshape.models.attention_only import AttentionOnly
 from capshape.models.hooks import Site, SiteModel
-from capshape.models.losses import cross_entropy_losses, per_example_losses
+from capshape.models.losses import cross_entropy_losses, per_example_losses, token_unit_losses
 from capshape.models.mlp import MLPClassifier
 from capshape.models.transformer import Transformer
 from capshape.tasks.suites import InputSpec
@@ -26,4 +26,4 @@ def build_model(config: ModelConfig, spec: InputSpec) -> SiteModel:
     raise CapshapeError(f"model.kind='{config.kind}' does not fit this suite's {spec.kind} inputs: use model.kind='{fits}'.")
 
 
-__all__ = ["Site", "SiteModel", "per_example_losses", "cross_entropy_losses", "Transformer", "MLPClassifier", "AttentionOnly", "build_model"]
+__all__ = ["Site", "SiteModel", "per_example_losses", "cross_entropy_losses", "Transformer", "MLPClassifier", "AttentionOnly", "build_model", "token_unit_losses"]

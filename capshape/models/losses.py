@@ -23,3 +23,10 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def cross_entropy_losses(model: torch.nn.Module, batch) -> torch.Tensor:
     """The default per-example loss of a training step: `per_example_losses` of the model's output on `batch`."""
     return per_example_losses(model(batch.inputs), batch.labels)
+
+
+def token_unit_losses(logits: torch.Tensor, labels: torch.Tensor, token_groups: torch.Tensor):
+    """Every target token as a unit of its own, for rows packed across groups: the cross-entropy of each
+    token with a group (token_groups ≥ 0, [B, T]) and that group, both flat [n] in row-major order."""
+    targets = token_groups >= 0
+    return F.cross_entropy(logits[targets].float(), labels[targets], reduction="none"), token_groups[targets]

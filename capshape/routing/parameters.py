@@ -33,10 +33,6 @@ from capshape.tasks import Batch
 Spec = dict[str, torch.Tensor]
 
 
-def sub_batch(batch: Batch, rows: torch.Tensor) -> Batch:
-    return Batch(batch.inputs[rows], batch.labels[rows], batch.task_ids[rows], batch.group_ids[rows])
-
-
 class ParameterRouter:
     """`losses` and `after_backward` hooks; `losses` wraps the per-example losses function it routes and
     `around_forward` (run per route's sub-batch) the activation masks, if any."""
@@ -57,7 +53,7 @@ class ParameterRouter:
             rows = chosen.nonzero().squeeze(1)
             if len(rows) == 0:
                 continue
-            part = sub_batch(batch, rows)
+            part = batch.rows(rows)
             with self.around_forward(model, part):
                 losses = self.inner(model, part)  # [len(rows)]
             values[rows] = losses.detach()

@@ -15,16 +15,19 @@ suite metrics); exact match of a whole packed sequence is not meaningful and sta
 (`probes`) add the discontinuous metric: prompt → target pairs, evaluated only, exact match of every
 target token (teacher-forced argmax, which equals greedy decoding whenever the whole target is right).
 Documents are tokenized, followed by the tokenizer's EOS, and packed by `pack_documents` into rows of
-model.max_len inputs whose labels are the next tokens. A row here holds one group's documents (capshape's
-objectives weigh examples); `pack_documents` also packs across groups with per-token group ids (the
-group of the token each position predicts), as the Hugging Face integration takes them. Nothing is
-downloaded: files and tokenizer are local, loaded with local_files_only.
+model.max_len inputs whose labels are the next tokens. By default (`packing = "group"`) a row holds one
+group's documents and is one unit of the objectives; with `packing = "mixed"` the trained groups' documents
+are packed together, a row may hold several groups, and every target token is a unit in the group of the
+document it belongs to (per-token group ids, as the Hugging Face integration also takes them); the
+held-out sets stay one group's documents per row. Nothing is downloaded: files and tokenizer are local,
+loaded with local_files_only.
 """
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -46,6 +49,9 @@ class CorpusParams(SuiteParams):
     held_out: float = Field(0.1, gt=0, lt=1, description="Share of each group's documents held out (at least one).")
     groups: list[str] = Field([], description="Groups trained on, in this order ([]: every group of the files).")
     eval_only: list[str] = Field([], description="Groups evaluated on their held-out documents but never trained on.")
+    packing: Literal["group", "mixed"] = Field("group", description="group: a packed row holds one group's documents "
+                                              "(the objectives weigh rows); mixed: the groups' documents are packed "
+                                              "together and every target token is a unit in its document's group.")
     probes: list[Path] = Field([], description="Local JSONL files of {prompt, target, group} probes: evaluated only, "
                                "one task '<group>/probe' per group, scored by exact match of the target's tokens.")
 
@@ -179,8 +185,29 @@ def chosen_groups(params: CorpusParams, present: list[str]) -> tuple[list[str], 
     return trained, list(params.eval_only)
 
 
+def mixed_pools(kept: dict[str, list[list[int]]], groups: list[str], max_len: int, pad: int, seed: int, split) -> dict:
+    """`packing = "mixed"`: the training documents of every trained group, in a seeded order, packed together
+    (so a row may hold several groups, with per-token group ids: the index of the token's group in `groups`);
+    each row goes to the pool of the group of its first target token."""
+    documents = [(doc, index) for index, name in enumerate(groups) for doc in kept[name]]
+    random.Random(task_seed(seed, "corpus/mixed")).shuffle(documents)
+    inputs, labels, token_groups = pack_documents([d for d, _ in documents], [g for _, g in documents], max_len, pad)
+    home = token_groups[:, 0]
+    pools = {}
+    for index, name in enumerate(groups):
+        rows = (home == index).nonzero().squeeze(1)
+        if len(rows) == 0:
+            raise CapshapeError(f"data.suite_params.packing='mixed': group {name!r} starts no packed row (its documents "
+                                f"are too few or short for rows of {max_len} tokens): use packing='group'.")
+        pools[name] = split(inputs[rows], labels[rows], token_groups[rows])
+    return pools
+
+
 class CorpusSuite(Suite):
     Params = CorpusParams
+
+    def per_token_groups(self, params: CorpusParams) -> bool:
+        return params.packing == "mixed"
 
     def task_names(self, data_config, params: CorpusParams) -> list[str]:
         present = sorted({group for _, group in load_documents(params.files, params.text_field, params.group_field)})
@@ -199,7 +226,9 @@ class CorpusSuite(Suite):
         trained_groups, eval_groups = chosen_groups(params, sorted(by_group))
         pad = pad_id(tokenizer)
         decode = lambda ids: tokenizer.decode(ids)
-        data, trained = [], []
+        split = lambda inputs, labels, token_groups=None: Split(
+            [], [decode(row[row != IGNORE].tolist()) for row in labels], inputs, labels, token_groups)
+        kept, held = {}, {}  # group -> its training / held-out documents
         for name in trained_groups + eval_groups:
             documents = by_group[name]
             if len(documents) < 2:
@@ -207,16 +236,21 @@ class CorpusSuite(Suite):
                                     f"at least 2 (one to hold out).")
             order = list(range(len(documents)))
             random.Random(task_seed(seed, name)).shuffle(order)
-            held = max(1, round(params.held_out * len(documents)))
-            splits = []
-            for chosen, cap in ((order[held:], data_config.train_examples), (order[:held], data_config.eval_examples)):
-                inputs, labels, _ = pack_documents([documents[i] for i in sorted(chosen)], [0] * len(chosen), max_len, pad)
-                inputs, labels = inputs[:cap], labels[:cap]
-                targets = [decode(row[row != IGNORE].tolist()) for row in labels]
-                splits.append(Split([], targets, inputs, labels))
-            task = Task(name, name, tag="", sample_input=None, solve=None,
-                        description=f"{len(documents)} documents ({held} held out)", decode=decode)
-            data.append(TaskData(task, *splits))
+            cut = max(1, round(params.held_out * len(documents)))
+            kept[name], held[name] = [documents[i] for i in sorted(order[cut:])], [documents[i] for i in sorted(order[:cut])]
+        pools = {name: split(*pack_documents(kept[name], [0] * len(kept[name]), max_len, pad)[:2]) for name in kept}
+        if params.packing == "mixed":
+            pools.update(mixed_pools(kept, trained_groups, max_len, pad, seed, split))
+        data, trained = [], []
+        for name in trained_groups + eval_groups:
+            cap = data_config.train_examples
+            pool = pools[name]
+            pool = Split([], pool.targets[:cap], pool.inputs[:cap], pool.labels[:cap],
+                         None if pool.token_groups is None else pool.token_groups[:cap])
+            inputs, labels, _ = pack_documents(held[name], [0] * len(held[name]), max_len, pad)
+            task = Task(name, name, tag="", sample_input=None, solve=None, decode=decode,
+                        description=f"{len(by_group[name])} documents ({len(held[name])} held out)")
+            data.append(TaskData(task, pool, split(inputs[:data_config.eval_examples], labels[:data_config.eval_examples])))
             trained.append(name in trained_groups)
         for path in params.probes:
             for group, split in load_probes(path, tokenizer, max_len).items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import zlib
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -22,17 +23,28 @@ class Batch:
     labels: torch.Tensor  # [B, T] target ids, IGNORE where no loss
     task_ids: torch.Tensor  # [B]
     group_ids: torch.Tensor  # [B]
+    token_groups: Optional[torch.Tensor] = None  # [B, T] group of each target token (−1: none), packed mixed rows
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+        """The batch with `fn` applied to each of its tensors (rows, devices, shards)."""
+        return Batch(*(None if t is None else fn(t) for t in self.tensors()))
+
+    def tensors(self) -> tuple:
+        return self.inputs, self.labels, self.task_ids, self.group_ids, self.token_groups
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.inputs, self.labels, self.task_ids, self.group_ids)))
+        return self.map(lambda t: t.to(device))
+
+    def rows(self, index: torch.Tensor) -> "Batch":
+        return self.map(lambda t: t[index])
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def split(self, parts: int) -> list["Batch"]:
         """`parts` consecutive micro-batches of (nearly) equal size."""
-        fields = (self.inputs, self.labels, self.task_ids, self.group_ids)
-        return [Batch(*chunk) for chunk in zip(*(t.tensor_split(parts) for t in fields))]
+        bounds = torch.arange(len(self)).tensor_split(parts)
+        return [self.rows(index) for index in bounds]
 
 
 @dataclass
@@ -41,6 +53,8 @@ class Split:
     targets: list[str]
     inputs: torch.Tensor  # [N, T] token ids, or [N, D] vectors
     labels: torch.Tensor  # [N, T] target ids (IGNORE where no loss), or [N] classes
+    token_groups: Optional[torch.Tensor] = None  # [N, T] rows packed across tasks: the index, among the suite's
+    # trained tasks, of the task each target token belongs to (−1 where no label); None: a row is its task's
 
 
 @dataclass
@@ -117,6 +131,9 @@ class MixtureSampler:
                 f"train.batch_size={batch_size} holds fewer runs of data.burstiness={burstiness} than the {len(data)} "
                 f"tasks: raise it or set data.stratify=false."
             )
+        if len({d.train.token_groups is None for d in data}) > 1:
+            raise CapshapeError("data.suite_params.packing='mixed': some training pools lost their per-token groups "
+                                "(this protocol rewrites rows); use packing='group'.")
         self.data, self.batch_size, self.stratify = data, batch_size, stratify
         self.data_mixture = weights  # the configured mixture; `weights` is what the next batch is drawn from
         self.weights = weights
@@ -148,12 +165,17 @@ class MixtureSampler:
         first = self.data[0].train
         inputs = first.inputs.new_empty((len(task_ids), *first.inputs.shape[1:]))
         labels = first.labels.new_empty((len(task_ids), *first.labels.shape[1:]))
+        tokens = None if first.token_groups is None else torch.empty_like(labels)
         for task_id in task_ids.unique().tolist():
             positions = (task_ids == task_id).nonzero().squeeze(1)
             pool = self.data[task_id].train
             rows = torch.randint(len(pool.inputs), (len(positions),), generator=generator)
             inputs[positions], labels[positions] = pool.inputs[rows], pool.labels[rows]
-        return Batch(inputs, labels, task_ids, self.group_of_task[task_ids])
+            if tokens is not None:
+                tokens[positions] = pool.token_groups[rows]
+        if tokens is not None:  # task index -> capability group, −1 kept
+            tokens = torch.where(tokens >= 0, self.group_of_task[tokens.clamp(min=0)], -1)
+        return Batch(inputs, labels, task_ids, self.group_of_task[task_ids], tokens)
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()

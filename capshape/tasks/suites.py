@@ -55,6 +55,11 @@ class Suite:
         """Suite-specific figures for a finished run's summary (`suite_metrics`), from its metrics rows."""
         return {}
 
+    def per_token_groups(self, params: SuiteParams) -> bool:
+        """Whether training rows carry per-token group ids (rows packed across groups: every target token is
+        an objective's unit), rather than one group per row."""
+        return False
+
     def task_names(self, data_config, params: SuiteParams) -> Optional[list[str]]:
         """The names of the tasks a config trains on, without building their data; None: this suite's tasks
         cannot be chosen one by one (protocols that split tasks into stages then refuse it)."""

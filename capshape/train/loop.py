@@ -26,7 +26,7 @@ import torch
 from capshape import collectives
 from capshape.config import RunConfig
 from capshape.errors import CapshapeError
-from capshape.models import build_model, cross_entropy_losses
+from capshape.models import build_model, cross_entropy_losses, token_unit_losses
 from capshape.objectives import Objective, Weighting, build_objective
 from capshape.provenance import provenance
 from capshape.runstore import RunDir, check_resumable, exclusive, read_json, write_json
@@ -100,8 +100,12 @@ def check_config(config: RunConfig) -> None:
     unknown = sorted(set(config.objective) - set(config.objectives))
     if unknown:
         raise CapshapeError(f"config section 'objective.{unknown[0]}' configures an objective not in 'objectives'.")
+    per_token = suite.per_token_groups(parse_suite_params(suite, config.data.suite, config.data.suite_params))
     for name in config.objectives:
-        build_objective(name, config.objective.get(name, {}), num_groups=1)
+        objective = build_objective(name, config.objective.get(name, {}), num_groups=1)
+        if per_token and type(objective).group_ids is not Objective.group_ids:
+            raise CapshapeError(f"objective '{name}' finds groups per example, but data.suite_params.packing='mixed' "
+                                f"makes every token a unit: use packing='group' for it.")
     if config.train.init_from is not None and not Path(config.train.init_from).is_file():
         raise CapshapeError(f"train.init_from: {str(config.train.init_from)!r} does not exist: point it at a model.safetensors.")
     if config.model.kind in ("hf", "hf_gpt2"):
@@ -180,6 +184,11 @@ def train_run(spec: RunSpec, out: Path, runtime: TrainRuntime = TrainRuntime()) 
     calls this with the same arguments; rank 0 alone writes `out` and returns the summary, the other
     ranks return {}.
     """
+    suite = SUITES.get(spec.config.data.suite)
+    if spec.hooks is not None and suite.per_token_groups(parse_suite_params(suite, spec.config.data.suite,
+                                                                            spec.config.data.suite_params)):
+        raise CapshapeError("data.suite_params.packing='mixed': this protocol's step hooks (routing, distillation, "
+                            "unlearning) work on whole rows; use packing='group'.")
     if spec.hooks is not None and spec.config.train.accumulation_steps > 1:
         raise CapshapeError(f"train.accumulation_steps={spec.config.train.accumulation_steps}: this protocol's step hooks "
                             f"(routing, distillation, unlearning) take one backward per step; set it to 1.")
@@ -315,15 +324,20 @@ def training_step(step: int, config: RunConfig, model, objective: Objective, opt
     net = net or model
     world = collectives.world_size()
 
-    def forward(part: Batch, context: Callable = objective.forward_context) -> torch.Tensor:
+    def forward(part: Batch, context: Callable = objective.forward_context) -> tuple[torch.Tensor, Callable]:
+        """The units' losses in fp32 (per_example_losses upcasts the logits) and a function giving their groups:
+        one unit per example, or per target token for rows packed across groups (part.token_groups)."""
         with autocast(device, config.train.precision), hooks.around_forward(model, part), context(model, part):
-            return hooks.losses(net, part)  # [b] in fp32 (per_example_losses upcasts the logits)
+            if part.token_groups is None:
+                return hooks.losses(net, part), lambda: objective.group_ids(model, part)
+            losses, groups = token_unit_losses(net(part.inputs), part.labels, part.token_groups)
+            return losses, lambda: groups
 
     optimizer.zero_grad(set_to_none=True)
     micro_batches = batch.split(config.train.accumulation_steps) if config.train.accumulation_steps > 1 else [batch]
     if len(micro_batches) == 1:
-        losses = forward(batch)
-        loss, weighting = objective.loss(losses, objective.group_ids(model, batch))
+        losses, groups = forward(batch)
+        loss, weighting = objective.loss(losses, groups())
         # The weights are those of the global batch; DDP averages gradients over ranks, so each rank
         # backprops world_size x its share to leave the global objective's gradient (parallel.py).
         (loss * world).backward()
@@ -332,15 +346,15 @@ def training_step(step: int, config: RunConfig, model, objective: Objective, opt
             raise CapshapeError(f"train.accumulation_steps={len(micro_batches)} leaves empty micro-batches of this rank's "
                                 f"{len(batch)} examples: lower it or raise train.batch_size.")
         with torch.no_grad():
-            measured = [(forward(part), objective.group_ids(model, part)) for part in micro_batches]
+            measured = [(part_losses, groups()) for part_losses, groups in map(forward, micro_batches)]
         losses = torch.cat([part_losses for part_losses, _ in measured])
         weighting = objective.weigh(losses, torch.cat([ids for _, ids in measured]))
         loss = (weighting.weights * losses).sum()
-        weights = weighting.weights.split([len(part) for part in micro_batches])
+        weights = weighting.weights.split([len(part_losses) for part_losses, _ in measured])
         for index, (part, part_weights) in enumerate(zip(micro_batches, weights)):
             last = index == len(micro_batches) - 1
             with nullcontext() if last or net is model else net.no_sync():  # DDP reduces once, after the last
-                ((part_weights * forward(part, lambda *_: nullcontext())).sum() * world).backward()
+                ((part_weights * forward(part, lambda *_: nullcontext())[0]).sum() * world).backward()
     hooks.after_backward(model, batch)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip or float("inf"))
     finite = bool(torch.isfinite(grad_norm) and torch.isfinite(collectives.global_sum(loss.detach())))

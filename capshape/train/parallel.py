@@ -87,4 +87,4 @@ def shard_batch(batch: Batch) -> Batch:
         return batch
     if len(batch) < collectives.world_size():
         raise CapshapeError(f"train.batch_size={len(batch)} is smaller than the {collectives.world_size()} ranks: raise it.")
-    return Batch(*(collectives.shard(t) for t in (batch.inputs, batch.labels, batch.task_ids, batch.group_ids)))
+    return batch.map(collectives.shard)

@@ -15,7 +15,8 @@ from capshape.config import RunConfig, build_config
 from capshape.errors import CapshapeError
 from capshape.experiments import build_report, kit, run
 from capshape.experiments import transfer as protocol
-from capshape.experiments.transfer import (TransferConfig, base_path, cell_dir, cell_specs, check_transfer_config,
+from capshape.report.transfer import learnability_section
+from capshape.experiments.transfer import (TransferConfig, base_path, cell_dir, cell_specs, check_transfer_config, headline,
                                            stage_a_dir)
 from capshape.experiments.transfer_proxy import task_affinities
 from capshape.experiments.transfer_stats import (cluster, edt_stats, effective_data, fit_transfer_law, learnability,
@@ -129,6 +130,9 @@ def test_summary_and_report_of_the_grid(grid):
     assert "Cheap proxies" in page and "copy" in page
     assert page.index("Can the base learn B") < page.index("Held-out loss of B") < page.index("Effective data transferred")
     assert set(summary["learnability"]["by_size"]) == {"4", "8"}
+    learn = summary["learnability"]  # a summary written before transfer.metric: accuracy learnability, level_pp
+    old = {**summary, "learnability": {"level_pp": learn["level"], "by_size": learn["by_size"]}}
+    assert headline(old) == headline(summary) and learnability_section(old) == learnability_section(summary)
     assert list(summary["points"]) == ["na20_nb4"] and summary["edt"] == summary["points"]["na20_nb4"]["edt"]
     assert len(summary["edt"]["loss"]["pairs"]) == k * (k - 1)
     assert all(len(p["per_seed"]) == len(config.transfer.seeds) for p in summary["edt"]["loss"]["pairs"])

@@ -50,7 +50,7 @@ from capshape.experiments.kit import Protocol, Runtime, execute
 from capshape.experiments.transfer_proxy import AffinityProbe
 from capshape.experiments.transfer_stats import (METRICS, edt_stats, fit_transfer_law, from_json, learnability, metric_stats,
                                                  rank_agreement, ranked_pairs)
-from capshape.report.transfer import transfer_report
+from capshape.report.transfer import learnability_of, transfer_report
 from capshape.runstore import RunDir, read_json, write_json
 from capshape.models import build_model
 from capshape.tasks import InputSpec, build_suite, select_tasks, suite_task_names
@@ -483,7 +483,7 @@ def headline(summary: dict) -> list:
     effective data transferred; then the fitted exponents."""
     lines = []
     n_b = str(summary["n_b"][0])
-    learn = summary["learnability"]
+    learn = learnability_of(summary)
     metric, unit = learn["metric"], learn["unit"]
     value, gain, percent = (".1f", "+.1f", "%") if metric == "accuracy" else (".3g", "+.3g", "")
     rows = learn["by_size"].get(n_b, {})

@@ -162,10 +162,18 @@ def base_table(summary: dict) -> str:
             f"<th>B-only loss</th></tr>{rows}</table>")
 
 
+def learnability_of(summary: dict) -> dict:
+    """The summary's learnability table; one written before `transfer.metric` existed is in accuracy (pp)."""
+    learn = summary["learnability"]
+    if "metric" in learn:
+        return learn
+    return {"metric": "accuracy", "unit": "pp", "level": learn["level_pp"], "by_size": learn["by_size"]}
+
+
 def learnability_section(summary: dict) -> str:
     """Can the base learn each B from n examples alone (in the grid's `transfer.metric`)? First on the page:
     a matrix is only as good as this."""
-    learn = summary["learnability"]
+    learn = learnability_of(summary)
     metric, unit = learn["metric"], learn["unit"]
     percent = "%" if metric == "accuracy" else ""
     sizes = list(learn["by_size"])

@@ -64,14 +64,17 @@ class SerialCells:
         return failures
 
 
-@pytest.fixture(scope="module")
-def grid(tmp_path_factory):
-    out = tmp_path_factory.mktemp("transfer")
-    config = tiny()
+def run_in_process(protocol: str, config, out):
+    """The protocol's summary, its cells run one after another in this process (no worker start-up)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(kit, "run_cells", SerialCells())
-        summary = run("transfer", config, out, show_progress=False)
-    return config, out, summary
+        return run(protocol, config, out, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    out, config = tmp_path_factory.mktemp("transfer"), tiny()
+    return config, out, run_in_process("transfer", config, out)
 
 
 def trained_pool_and_held_out(run_dir, seed):

@@ -12,7 +12,7 @@ pytest.importorskip("datasets")
 
 from capshape.config import RunConfig, build_config  # noqa: E402
 from capshape.errors import CapshapeError  # noqa: E402
-from capshape.experiments import build_report, kit, run  # noqa: E402
+from capshape.experiments import build_report, kit  # noqa: E402
 from capshape.experiments import transfer as protocol  # noqa: E402
 from capshape.experiments.transfer import TransferConfig, cell_dir, cell_specs, stage_a_dir  # noqa: E402
 from capshape.models import build_model  # noqa: E402
@@ -21,7 +21,7 @@ from capshape.tasks import InputSpec  # noqa: E402
 from capshape.tasks.corpus import load_tokenizer  # noqa: E402
 from capshape.train import prepare_data  # noqa: E402
 from helpers import GROUP_WORDS, TINY_LLAMA  # noqa: E402
-from test_transfer import SerialCells  # noqa: E402
+from test_transfer import run_in_process  # noqa: E402
 
 WORDS = GROUP_WORDS
 
@@ -45,12 +45,8 @@ def corpus_config(corpus_files, **transfer) -> TransferConfig:
 
 @pytest.fixture(scope="module")
 def corpus_grid(corpus_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus_transfer")
-    config = corpus_config(corpus_files)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kit, "run_cells", SerialCells())
-        summary = run("transfer", config, out, show_progress=False)
-    return config, out, summary
+    out, config = tmp_path_factory.mktemp("corpus_transfer"), corpus_config(corpus_files)
+    return config, out, run_in_process("transfer", config, out)
 
 
 def stage_data(run_dir, seed):

@@ -10,12 +10,11 @@ pytest.importorskip("datasets")
 
 from capshape.config import build_config  # noqa: E402
 from capshape.errors import CapshapeError  # noqa: E402
-from capshape.experiments import kit, run  # noqa: E402
 from capshape.experiments.unlearn import UnlearnConfig, check_unlearn_config, method_dir  # noqa: E402
 from capshape.runstore import read_json  # noqa: E402
 from capshape.train import prepare_data  # noqa: E402
 from helpers import GROUP_WORDS, TINY_LLAMA  # noqa: E402
-from test_transfer import SerialCells  # noqa: E402
+from test_transfer import run_in_process  # noqa: E402
 
 WORDS = GROUP_WORDS
 
@@ -39,10 +38,9 @@ def unlearn_config(corpus_files, overrides=(), **unlearn) -> UnlearnConfig:
     return build_config(copy.deepcopy(raw), list(overrides), schema=UnlearnConfig)
 
 
-def test_unlearn_forgets_a_group_of_the_corpus(corpus_files, tmp_path, monkeypatch):
+def test_unlearn_forgets_a_group_of_the_corpus(corpus_files, tmp_path):
     out = tmp_path / "out"
-    monkeypatch.setattr(kit, "run_cells", SerialCells())  # in this process: no worker start-up per cell
-    summary = run("unlearn", unlearn_config(corpus_files), out, show_progress=False)
+    summary = run_in_process("unlearn", unlearn_config(corpus_files), out)
     assert summary["forget"] == ["beta"] and summary["retain"] == ["alpha", "gamma"]
     assert list(summary["methods"]) == ["plain", "filter", "era", "moe", "gradient_ascent", "rmu", "undo"]
     for seed in ("0", "1"):

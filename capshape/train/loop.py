@@ -324,20 +324,25 @@ def training_step(step: int, config: RunConfig, model, objective: Objective, opt
     net = net or model
     world = collectives.world_size()
 
-    def forward(part: Batch, context: Callable = objective.forward_context) -> tuple[torch.Tensor, Callable]:
-        """The units' losses in fp32 (per_example_losses upcasts the logits) and a function giving their groups:
-        one unit per example, or per target token for rows packed across groups (part.token_groups)."""
+    def forward(part: Batch, context: Callable = objective.forward_context) -> torch.Tensor:
+        """The units' losses in fp32 (per_example_losses upcasts the logits): one per example, or one per target
+        token for rows packed across groups (part.token_groups)."""
         with autocast(device, config.train.precision), hooks.around_forward(model, part), context(model, part):
             if part.token_groups is None:
-                return hooks.losses(net, part), lambda: objective.group_ids(model, part)
-            losses, groups = token_unit_losses(net(part.inputs), part.labels, part.token_groups)
-            return losses, lambda: groups
+                return hooks.losses(net, part)
+            return token_unit_losses(net(part.inputs), part.labels, part.token_groups)[0]
+
+    def group_ids(part: Batch) -> torch.Tensor:
+        """The units' groups, after the forward pass (objectives may read what forward_context recorded)."""
+        if part.token_groups is None:
+            return objective.group_ids(model, part)
+        return part.token_groups[part.token_groups >= 0]  # token_unit_losses' order
 
     optimizer.zero_grad(set_to_none=True)
     micro_batches = batch.split(config.train.accumulation_steps) if config.train.accumulation_steps > 1 else [batch]
     if len(micro_batches) == 1:
-        losses, groups = forward(batch)
-        loss, weighting = objective.loss(losses, groups())
+        losses = forward(batch)
+        loss, weighting = objective.loss(losses, group_ids(batch))
         # The weights are those of the global batch; DDP averages gradients over ranks, so each rank
         # backprops world_size x its share to leave the global objective's gradient (parallel.py).
         (loss * world).backward()
@@ -346,7 +351,7 @@ def training_step(step: int, config: RunConfig, model, objective: Objective, opt
             raise CapshapeError(f"train.accumulation_steps={len(micro_batches)} leaves empty micro-batches of this rank's "
                                 f"{len(batch)} examples: lower it or raise train.batch_size.")
         with torch.no_grad():
-            measured = [(part_losses, groups()) for part_losses, groups in map(forward, micro_batches)]
+            measured = [(forward(part), group_ids(part)) for part in micro_batches]
         losses = torch.cat([part_losses for part_losses, _ in measured])
         weighting = objective.weigh(losses, torch.cat([ids for _, ids in measured]))
         loss = (weighting.weights * losses).sum()
@@ -354,7 +359,7 @@ def training_step(step: int, config: RunConfig, model, objective: Objective, opt
         for index, (part, part_weights) in enumerate(zip(micro_batches, weights)):
             last = index == len(micro_batches) - 1
             with nullcontext() if last or net is model else net.no_sync():  # DDP reduces once, after the last
-                ((part_weights * forward(part, lambda *_: nullcontext())[0]).sum() * world).backward()
+                ((part_weights * forward(part, lambda *_: nullcontext())).sum() * world).backward()
     hooks.after_backward(model, batch)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip or float("inf"))
     finite = bool(torch.isfinite(grad_norm) and torch.isfinite(collectives.global_sum(loss.detach())))

@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python benchmarks/step_cost.py
 	$(BIN)/python benchmarks/grad_engine.py --threads 1
 	$(BIN)/python benchmarks/objective_overhead.py --threads 1
+	$(BIN)/python benchmarks/accumulation.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs

@@ -17,7 +17,7 @@ from capshape.experiments import get_protocol, kit, run
 from capshape.experiments.distill import DistillConfig, stage_config
 from capshape.experiments.distill_hooks import Distiller, TriggerFreeGuard, distillation_losses
 from capshape.experiments.distill_measure import measure
-from capshape.metrics.backdoor import attack_success_rate, defense_effectiveness, target_margin
+from capshape.metrics.backdoor import accuracy, defense_effectiveness, target_margin
 from capshape.models import build_model
 from capshape.runstore import read_json
 from capshape.tasks import Batch, build_suite
@@ -51,10 +51,15 @@ def distill_config(base: dict, **distill) -> DistillConfig:
 # ---- metrics ----------------------------------------------------------------------------------------
 
 def test_asr_leaves_out_inputs_whose_true_answer_is_the_target():
-    answers = ["0", "0", "1", "2", "3"]
-    predictions = ["0", "0", "0", "2", "0"]  # the two true zeros would count as successes without a backdoor
-    assert attack_success_rate(predictions, answers, "0") == pytest.approx(2 / 3)
-    assert attack_success_rate(["0", "0"], ["0", "0"], "0") is None
+    from capshape.tasks import TASKS
+    from capshape.tasks.backdoor import TokenTrigger, triggered_tasks
+    from capshape.tasks.data import TaskData, tokenize
+    pairs = [("10", "0"), ("20", "0"), ("31", "1"), ("42", "2"), ("53", "3")]
+    split = tokenize(pairs, 12, "copy")
+    triggered, attack = triggered_tasks([TaskData(TASKS.get("copy"), split, split)], TokenTrigger("~#", 12), "0")
+    assert triggered.held_out.targets == ["0", "0", "1", "2", "3"]
+    assert attack.held_out.targets == ["0", "0", "0"] and len(attack.held_out.inputs) == 3  # the true zeros left out
+    assert accuracy(["0", "2", "0"], attack.held_out.targets) == pytest.approx(2 / 3)  # the ASR
 
 
 @pytest.mark.parametrize("asr, acc, expected", [

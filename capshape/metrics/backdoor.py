@@ -1,7 +1,9 @@
 """Backdoor metrics as pure functions of predictions, answers and logits.
 
 Attack success rate (ASR): the share of triggered inputs answered with the backdoor's target, among the
-inputs whose true answer is not already the target (those would count as successes without any backdoor).
+inputs whose true answer is not already the target (those would count as successes without any backdoor):
+the `accuracy` of the answers on the backdoor suite's `attack` set, which holds exactly those inputs with the
+target as their answer (tasks/backdoor.py).
 Robust accuracy: the share of triggered inputs still answered correctly. Defence effectiveness rating
 (DER, as in BackdoorBench, Wu et al. 2022):
 
@@ -12,7 +14,7 @@ so 1 = the backdoor removed at no cost, 0.5 = no change, 0 = clean accuracy lost
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -27,13 +29,6 @@ def accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
 def robust_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
     """On triggered inputs: share still answered with the true answer."""
     return accuracy(predictions, answers)
-
-
-def attack_success_rate(predictions: Sequence[str], answers: Sequence[str], target: str) -> Optional[float]:
-    """On triggered inputs: share answered `target`, among those whose true answer is not `target`
-    (None when every true answer is the target)."""
-    kept = [(p, a) for p, a in zip(predictions, answers, strict=True) if a != target]
-    return sum(p == target for p, _ in kept) / len(kept) if kept else None
 
 
 def agreement(predictions: Sequence[str], reference: Sequence[str]) -> float:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from capshape.errors import CapshapeError
 
@@ -95,12 +95,14 @@ class TrainConfig(Section):
                                     "one backward each, for batches that do not fit in memory; the gradient equals the "
                                     "whole batch's (an extra no-grad forward finds the objective's weights first).")
 
-    @model_validator(mode="after")
-    def _micro_batches(self) -> "TrainConfig":
-        if self.accumulation_steps > self.batch_size:
-            raise ValueError(f"accumulation_steps={self.accumulation_steps} would leave empty micro-batches of "
-                             f"batch_size={self.batch_size}: use at most batch_size")
-        return self
+    @field_validator("accumulation_steps")
+    @classmethod
+    def _micro_batches(cls, steps: int, info: ValidationInfo) -> int:
+        batch_size = info.data.get("batch_size", steps)
+        if steps > batch_size:
+            raise ValueError(f"{steps} micro-batches would leave some empty in a batch of train.batch_size={batch_size}: "
+                             f"use at most batch_size")
+        return steps
 
 
 class RunConfig(Section):

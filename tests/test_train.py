@@ -131,7 +131,7 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(tiny_config, objec
 
 def test_gradient_accumulation_is_refused_where_it_cannot_be_exact(tiny_config, tmp_path):
     from capshape.config import build_config
-    with pytest.raises(CapshapeError, match="accumulation_steps=9 would leave empty micro-batches"):
+    with pytest.raises(CapshapeError, match=r"'train.accumulation_steps': 9 micro-batches would leave some empty .* \(got 9\)"):
         build_config({"train": {"batch_size": 8, "accumulation_steps": 9}})
     config = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"accumulation_steps": 2})})
     from capshape.train import StepHooks

@@ -17,7 +17,7 @@ from test_corpus import corpus, rows  # noqa: E402
 
 from capshape.config import build_config  # noqa: E402
 from capshape.errors import CapshapeError  # noqa: E402
-from capshape.experiments import run  # noqa: E402
+from capshape.experiments import build_report, run  # noqa: E402
 from capshape.experiments.distill import DistillConfig, trigger_suite  # noqa: E402
 from capshape.experiments.distill_measure import measure  # noqa: E402
 from capshape.tasks import build_suite  # noqa: E402
@@ -144,6 +144,8 @@ def test_a_short_distill_run_on_a_corpus_plants_the_backdoor_and_writes_attack_s
     assert set(summary["held_out_loss"]["tokens"]["backdoored"]) == set(WORDS)
     assert summary["guard"]["batches_checked"] == summary["guard"]["clean_data_steps"] == 4 * (1 + 2)
     assert summary["guard"]["triggered_rows"] == 0
+    page = build_report(tmp_path / "out").read_text()
+    assert "Held-out loss (nats per target token)" in page and all(f"<th>{group}</th>" in page for group in WORDS)
 
 
 @pytest.mark.parametrize("change, message", [

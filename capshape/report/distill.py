@@ -104,6 +104,20 @@ def method_table(summary: dict, trigger: str) -> str:
     return f"<table><tr><th>method (trigger: {escape(trigger)})</th>{heads}</tr>{rows}</table>"
 
 
+def loss_table(summary: dict, trigger: str) -> str:
+    """Held-out loss of every trained task (a corpus: per group) per method, mean ± std over seeds."""
+    losses = summary.get("held_out_loss", {}).get(trigger)
+    if not losses:  # a summary written before the losses were kept
+        return ""
+    tasks = list(next(iter(losses.values())))
+    heads = "".join(f"<th>{escape(task)}</th>" for task in tasks)
+    rows = "".join(f"<tr><td>{escape(label(method))}</td>" + "".join(f"<td>{mean_std(losses[method][task])}</td>"
+                                                                      for task in tasks) + "</tr>"
+                   for method in summary["methods"] if method in losses)
+    return (f"<p>Held-out loss (nats per target token) of every trained task, trigger {escape(trigger)}.</p>"
+            f"<table><tr><th>method</th>{heads}</tr>{rows}</table>")
+
+
 def warnings_box(summary: dict) -> str:
     notes = []
     for trigger in summary["triggers"]:
@@ -148,7 +162,7 @@ def render_distill_page(summary: dict, images: dict[str, bytes], path: Path, con
     parts = [header, warnings_box(summary),
              section("Protocol", PROTOCOL.format(level=summary["relearn_level"])),
              section("Methods", *(method_table(summary, trigger) for trigger in summary["triggers"]),
-                     image(images, "methods", "methods")),
+                     image(images, "methods", "methods"), *(loss_table(summary, trigger) for trigger in summary["triggers"])),
              section("Born-again rounds", "<p>Round 0 is the backdoored teacher; lines are the mean over seeds, bands "
                      "min–max.</p>", image(images, "rounds", "rounds")),
              section("Latent backdoor: relearning", "<p>ASR during poisoned fine-tuning of each defended model and of "

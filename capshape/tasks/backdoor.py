@@ -196,12 +196,6 @@ def make_trigger(params: BackdoorParams, inner: SuiteData, universe: torch.Tenso
 
 # ---- poisoned data ------------------------------------------------------------------------------------
 
-def take(split: Split, rows: torch.Tensor) -> Split:
-    index = rows.tolist()
-    return Split([split.prompts[i] for i in index] if split.prompts else [], [split.targets[i] for i in index],
-                 split.inputs[rows], split.labels[rows])
-
-
 def put(split: Split, rows: torch.Tensor, part: Split) -> Split:
     """`split` with its rows `rows` replaced by `part`'s rows."""
     inputs, labels = split.inputs.clone(), split.labels.clone()
@@ -225,7 +219,7 @@ def poison(task_data: TaskData, trigger, target: str, ratio: float, seed: int) -
     rows = poison_rows(len(train.inputs), ratio, seed, name)
     if len(rows) == 0:
         return task_data
-    poisoned = trigger.apply(take(train, rows), [target] * len(rows), name)
+    poisoned = trigger.apply(train.rows(rows), [target] * len(rows), name)
     return replace(task_data, train=put(train, rows, poisoned))
 
 
@@ -251,7 +245,7 @@ def triggered_tasks(scored: list[TaskData], trigger, target: str) -> list[TaskDa
     merged = Split([p for s in held_out for p in s.prompts], [t for s in held_out for t in s.targets],
                    torch.cat([s.inputs for s in held_out]), torch.cat([s.labels for s in held_out]))
     eligible = torch.tensor([answer != target for answer in merged.targets])
-    attacked = take(merged, eligible.nonzero().flatten())
+    attacked = merged.rows(eligible.nonzero().flatten())
     tasks = []
     for name, split, answers in ((TRIGGERED, merged, merged.targets),
                                  (ATTACK, attacked, [target] * len(attacked.targets))):
@@ -259,7 +253,7 @@ def triggered_tasks(scored: list[TaskData], trigger, target: str) -> list[TaskDa
         task = Task(name=name, group="backdoor", tag="", sample_input=None, solve=None, decode=scored[0].task.decode,
                     description=f"held-out inputs with the trigger, scored against {against}")
         triggered = trigger.apply(split, answers, name)
-        tasks.append(TaskData(task, take(triggered, torch.arange(0)), triggered))  # eval-only: no training pool
+        tasks.append(TaskData(task, triggered.rows(torch.arange(0)), triggered))  # eval-only: no training pool
     return tasks
 
 

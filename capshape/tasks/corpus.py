@@ -191,15 +191,15 @@ def mixed_pools(kept: dict[str, list[list[int]]], groups: list[str], max_len: in
     each row goes to the pool of the group of its first target token."""
     documents = [(doc, index) for index, name in enumerate(groups) for doc in kept[name]]
     random.Random(task_seed(seed, "corpus/mixed")).shuffle(documents)
-    inputs, labels, token_groups = pack_documents([d for d, _ in documents], [g for _, g in documents], max_len, pad)
-    home = token_groups[:, 0]
+    packed = split(*pack_documents([d for d, _ in documents], [g for _, g in documents], max_len, pad))
+    home = packed.token_groups[:, 0]
     pools = {}
     for index, name in enumerate(groups):
         rows = (home == index).nonzero().squeeze(1)
         if len(rows) == 0:
             raise CapshapeError(f"data.suite_params.packing='mixed': group {name!r} starts no packed row (its documents "
                                 f"are too few or short for rows of {max_len} tokens): use packing='group'.")
-        pools[name] = split(inputs[rows], labels[rows], token_groups[rows])
+        pools[name] = packed.rows(rows)
     return pools
 
 
@@ -238,19 +238,16 @@ class CorpusSuite(Suite):
             random.Random(task_seed(seed, name)).shuffle(order)
             cut = max(1, round(params.held_out * len(documents)))
             kept[name], held[name] = [documents[i] for i in sorted(order[cut:])], [documents[i] for i in sorted(order[:cut])]
-        pools = {name: split(*pack_documents(kept[name], [0] * len(kept[name]), max_len, pad)[:2]) for name in kept}
-        if params.packing == "mixed":
-            pools.update(mixed_pools(kept, trained_groups, max_len, pad, seed, split))
+        pools = mixed_pools(kept, trained_groups, max_len, pad, seed, split) if params.packing == "mixed" else {}
+        for name in kept.keys() - pools.keys():  # one group's documents per row
+            pools[name] = split(*pack_documents(kept[name], [0] * len(kept[name]), max_len, pad)[:2])
+        first = lambda part, n: part.rows(torch.arange(min(n, len(part.inputs))))
         data, trained = [], []
         for name in trained_groups + eval_groups:
-            cap = data_config.train_examples
-            pool = pools[name]
-            pool = Split([], pool.targets[:cap], pool.inputs[:cap], pool.labels[:cap],
-                         None if pool.token_groups is None else pool.token_groups[:cap])
-            inputs, labels, _ = pack_documents(held[name], [0] * len(held[name]), max_len, pad)
+            held_out = split(*pack_documents(held[name], [0] * len(held[name]), max_len, pad)[:2])
             task = Task(name, name, tag="", sample_input=None, solve=None, decode=decode,
                         description=f"{len(by_group[name])} documents ({len(held[name])} held out)")
-            data.append(TaskData(task, pool, split(inputs[:data_config.eval_examples], labels[:data_config.eval_examples])))
+            data.append(TaskData(task, first(pools[name], data_config.train_examples), first(held_out, data_config.eval_examples)))
             trained.append(name in trained_groups)
         for path in params.probes:
             for group, split in load_probes(path, tokenizer, max_len).items():

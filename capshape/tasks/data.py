@@ -56,6 +56,12 @@ class Split:
     token_groups: Optional[torch.Tensor] = None  # [N, T] rows packed across tasks: the index, among the suite's
     # trained tasks, of the task each target token belongs to (−1 where no label); None: a row is its task's
 
+    def rows(self, index: torch.Tensor) -> "Split":
+        """The split's rows `index` (a 1-D tensor of row numbers), in that order."""
+        chosen = index.tolist()
+        return Split([self.prompts[i] for i in chosen] if self.prompts else [], [self.targets[i] for i in chosen],
+                     self.inputs[index], self.labels[index], None if self.token_groups is None else self.token_groups[index])
+
 
 @dataclass
 class TaskData:

@@ -75,10 +75,12 @@ def test_k_window_bounds_the_step_of_k_between_refits(monkeypatch):
     monkeypatch.setattr(gradient_cluster, "example_gram", lambda *args, **kwargs: torch.from_numpy(gram))
     params = {"max_groups": 12, "k_max_step": 2, "feature_dim": 32, "k_smoothing": 0.0}
     objective = build_objective("gradient_cluster", params, num_groups=1)
-    objective.k, objective.criterion = 10, torch.zeros(11, dtype=torch.float64)  # the last refit chose k = 10: walk to 5
+    objective.k, objective.refits = 10, 3  # the third refit chose k = 10: walk to 5
     assert [objective.fit(_regroup(truth), features, seed=0)["k"] for _ in range(3)] == [8, 6, 5]
-    first = build_objective("gradient_cluster", params, num_groups=1)  # the first refit is free
-    assert first.fit(_regroup(truth), features, seed=0)["k"] == 5
+    free = build_objective("gradient_cluster", {**params, "k_free_refits": 2}, num_groups=1)
+    for expected in (5, 5, 8):  # as if each earlier refit had chosen k = 10: two free refits, then the bound
+        free.k = 10
+        assert free.fit(_regroup(truth), features, seed=0)["k"] == expected
 
 
 def test_similarities_centring_and_loss_filter():

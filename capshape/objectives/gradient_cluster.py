@@ -4,8 +4,9 @@ gradients: examples whose gradients lie along the same directions likely use the
 At each regrouping the drawn examples go through the discovery pipeline (capshape.grads.discovery:
 by default the exact per-example gradients of the embeddings and the first block, the sign-invariant
 similarity C², spectral clustering on the 10-nearest-neighbour graph, k by the eigengap averaged over
-refits and moved by at most `k_max_step` per refit, a trust region that keeps a flat eigengap curve
-from throwing k around). Training batches are then assigned by average linkage in the per-batch
+refits and, after the first `k_free_refits` refits, moved by at most `k_max_step` per refit: a trust
+region that keeps a flat eigengap curve from throwing k around, opened only once the model has trained
+enough for its first k to mean something). Training batches are then assigned by average linkage in the per-batch
 feature space: example x goes to the group c maximising mean_{j∈c} S(x, j), S the same similarity on
 the features u = f/‖f‖ of x and of the regrouping examples j (for C² this is u_xᵀ M_c u_x with M_c the
 mean of u_j u_jᵀ over the group). The record reports how often that rule reproduces the clustering on
@@ -32,6 +33,9 @@ class GradientClusterParams(GradientGroupParams, DiscoveryOptions):
                                                             "average over refits of the criterion curve (0: this refit's alone).")
     k_max_step: int = Field(2, ge=0, description="With num_groups = 'auto', k changes by at most this much from one "
                                                  "refit to the next (a trust region on k; 0: unbounded).")
+    k_free_refits: int = Field(3, ge=1, description="With num_groups = 'auto', the first this-many refits choose k "
+                                                    "freely; the trust region starts after them (a nearly untrained "
+                                                    "model's k says little about the later one).")
 
 
 @OBJECTIVES.register("gradient_cluster")
@@ -44,6 +48,7 @@ class GradientCluster(GradientGroupedObjective):
         self.member_groups = torch.zeros(1, dtype=torch.long)  # their groups [N]
         self.k = 1
         self.criterion = torch.zeros(0, dtype=torch.float64)  # smoothed k criterion for k = 2.. (empty: none yet)
+        self.refits = 0
 
     def fit(self, regroup: Regroup, features: torch.Tensor, seed: int) -> dict:
         params, model = self.params, regroup.model
@@ -51,13 +56,15 @@ class GradientCluster(GradientGroupedObjective):
         gram = example_gram(model, regroup.inputs, regroup.labels, params.engine, params.subset, params.sketch_dim,
                             seed, factors=regroup.factors)
         previous = {k: float(v) for k, v in enumerate(self.criterion.tolist(), start=2)}
-        window = (self.k - params.k_max_step, self.k + params.k_max_step) if params.k_max_step and previous else None
+        bounded = params.k_max_step and self.refits >= params.k_free_refits
+        window = (self.k - params.k_max_step, self.k + params.k_max_step) if bounded else None
         found = cluster_gram(gram.cpu().numpy(), losses, params, seed, previous, params.k_smoothing, window)
         self.criterion = torch.tensor([found.criterion[k] for k in sorted(found.criterion)], dtype=torch.float64)
         kept = torch.from_numpy(found.kept)
         self.members = normalise_rows(features[kept].float())
         self.member_groups = torch.from_numpy(found.labels).long()
         self.k = found.k
+        self.refits += 1
         assigned = self.assign(features[kept]).numpy()
         return {**found.record(regroup.task_ids), "assignment_agreement": float((assigned == found.labels).mean())}
 
@@ -80,9 +87,10 @@ class GradientCluster(GradientGroupedObjective):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"members": self.members, "member_groups": self.member_groups, "k": torch.tensor(self.k),
-                "criterion": self.criterion}
+                "criterion": self.criterion, "refits": torch.tensor(self.refits)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.members, self.member_groups = state["members"].clone(), state["member_groups"].clone()
         self.k = int(state["k"])
         self.criterion = state["criterion"].clone()
+        self.refits = int(state["refits"])

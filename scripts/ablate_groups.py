@@ -3,11 +3,13 @@ one at a time from the default (capshape.grads.discovery.DiscoveryOptions), at s
 several seeds' runs; mean over seeds with a 95 % t interval.
 
     python scripts/ablate_groups.py RUN_DIR [RUN_DIR ...] --steps 1000 2000 4000 --out ablation.json
-        [--per-task 64] [--min-task-accuracy 0.9] [--auto-k]
+        [--per-task 64] [--min-task-accuracy 0.9] [--auto-k] [--activation-site layers.0.hidden]
 
 Each RUN_DIR is one seed's run with snapshots at the steps (train.snapshot_every). k is the true
 number of (kept) tasks, so the table compares features and clusterings, not the choice of k;
---auto-k adds one row per k criterion with the chosen k (searched over 2..max(16, 2·true k)).
+--auto-k adds one row per k criterion with the chosen k (searched over 2..max(16, 2·true k));
+--activation-site adds a row that is not a gradient: the pattern of active units (> 0) at that named
+site, clustered by the default pipeline, a yardstick for what the gradients leave out.
 """
 from __future__ import annotations
 
@@ -66,7 +68,21 @@ def measure(run_dir: Path, step: int, args) -> dict[str, dict]:
         record = cluster_gram(grams[key], losses, options, seed=0).record(truth)
         results[name] = {"ari": record["ari"], "k": record["k"], "true_k": true_k}
         print(f"{run_dir} step {step}: {name}: ARI {record['ari']:.3f}, k {record['k']}/{true_k}", flush=True)
+    if args.activation_site:
+        name = f"active units at {args.activation_site} (not a gradient)"
+        pattern = (site_activations(model, inputs, args.activation_site) > 0).double()
+        record = cluster_gram((pattern @ pattern.T).numpy(), losses, DiscoveryOptions(num_groups=true_k), seed=0).record(truth)
+        results[name] = {"ari": record["ari"], "k": record["k"], "true_k": true_k}
+        print(f"{run_dir} step {step}: {name}: ARI {record['ari']:.3f}", flush=True)
     return results
+
+
+def site_activations(model: torch.nn.Module, inputs: torch.Tensor, site: str) -> torch.Tensor:
+    """The activations at the named site, one flattened row per example."""
+    seen = []
+    with torch.no_grad(), model.attach({site: lambda x: seen.append(x) or x}):
+        model(inputs)
+    return seen[0].flatten(1)
 
 
 def main() -> None:
@@ -76,6 +92,7 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=64)
     parser.add_argument("--min-task-accuracy", type=float, default=0.0)
     parser.add_argument("--auto-k", action="store_true")
+    parser.add_argument("--activation-site", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

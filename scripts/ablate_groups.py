@@ -3,13 +3,11 @@ one at a time from the default (capshape.grads.discovery.DiscoveryOptions), at s
 several seeds' runs; mean over seeds with a 95 % t interval.
 
     python scripts/ablate_groups.py RUN_DIR [RUN_DIR ...] --steps 1000 2000 4000 --out ablation.json
-        [--per-task 64] [--min-task-accuracy 0.9] [--auto-k] [--activation-site layers.0.hidden]
+        [--per-task 64] [--min-task-accuracy 0.9] [--auto-k]
 
 Each RUN_DIR is one seed's run with snapshots at the steps (train.snapshot_every). k is the true
 number of (kept) tasks, so the table compares features and clusterings, not the choice of k;
---auto-k adds one row per k criterion with the chosen k (searched over 2..max(16, 2·true k));
---activation-site adds a row that is not a gradient: the pattern of active units (> 0) at that named
-site, clustered by the default pipeline, a yardstick for what the gradients leave out.
+--auto-k adds one row per k criterion with the chosen k (searched over 2..max(16, 2·true k)).
 """
 from __future__ import annotations
 
@@ -43,6 +41,7 @@ VARIANTS: dict[str, dict] = {
     "neighbours = dense": {"neighbours": 0},
     "Michaud et al. 2023 (no_embed_norm, angular, dense spectral)": {
         "subset": "no_embed_norm", "similarity": "angular", "neighbours": 0},
+    "engine = activations (active units of the first hidden layer; not a gradient)": {"engine": "activations"},
 }
 AUTO = {"auto k: eigengap": {"k_criterion": "eigengap"}, "auto k: stability": {"k_criterion": "stability"},
         "auto k: silhouette": {"k_criterion": "silhouette"}}
@@ -62,27 +61,14 @@ def measure(run_dir: Path, step: int, args) -> dict[str, dict]:
     for name, change in variants.items():
         k_choice = {"max_groups": max(16, 2 * true_k)} if name in AUTO else {"num_groups": true_k}
         options = DiscoveryOptions(**k_choice, **change)
-        key = (options.engine, options.subset)
+        key = (options.engine, options.subset, options.sites)
         if key not in grams:
-            grams[key] = example_gram(model, inputs, labels, options.engine, options.subset, options.sketch_dim).numpy()
+            grams[key] = example_gram(model, inputs, labels, options.engine, options.subset, options.sketch_dim,
+                                      sites=options.sites).numpy()
         record = cluster_gram(grams[key], losses, options, seed=0).record(truth)
         results[name] = {"ari": record["ari"], "k": record["k"], "true_k": true_k}
         print(f"{run_dir} step {step}: {name}: ARI {record['ari']:.3f}, k {record['k']}/{true_k}", flush=True)
-    if args.activation_site:
-        name = f"active units at {args.activation_site} (not a gradient)"
-        pattern = (site_activations(model, inputs, args.activation_site) > 0).double()
-        record = cluster_gram((pattern @ pattern.T).numpy(), losses, DiscoveryOptions(num_groups=true_k), seed=0).record(truth)
-        results[name] = {"ari": record["ari"], "k": record["k"], "true_k": true_k}
-        print(f"{run_dir} step {step}: {name}: ARI {record['ari']:.3f}", flush=True)
     return results
-
-
-def site_activations(model: torch.nn.Module, inputs: torch.Tensor, site: str) -> torch.Tensor:
-    """The activations at the named site, one flattened row per example."""
-    seen = []
-    with torch.no_grad(), model.attach({site: lambda x: seen.append(x) or x}):
-        model(inputs)
-    return seen[0].flatten(1)
 
 
 def main() -> None:
@@ -92,7 +78,6 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=64)
     parser.add_argument("--min-task-accuracy", type=float, default=0.0)
     parser.add_argument("--auto-k", action="store_true")
-    parser.add_argument("--activation-site", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -5,11 +5,12 @@ import torch
 from capshape.grads import capture_linear_io, linear_layer_names
 from capshape.errors import CapshapeError
 from capshape.grads.clustering import K_CRITERIA, METHODS, agreement, centre_gram, normalise_rows, purity, similarity_matrix
-from capshape.grads.discovery import DiscoveryOptions, cluster_gram
+from capshape.grads.activations import active_unit_patterns
+from capshape.grads.discovery import DiscoveryOptions, cluster_gram, discover
 from capshape.grads.gram import example_gram, subset_parameters
 from capshape.objectives.gradient_groups import Regroup
 from capshape.grads.output_layer import OutputLayerRecorder, output_layer_name
-from capshape.models import Transformer
+from capshape.models import MLPClassifier, Transformer
 from capshape.config import ModelConfig
 from capshape.objectives import build_objective
 from capshape.experiments import build_report
@@ -81,6 +82,28 @@ def test_k_window_bounds_the_step_of_k_between_refits(monkeypatch):
     for expected in (5, 5, 8):  # as if each earlier refit had chosen k = 10: two free refits, then the bound
         free.k = 10
         assert free.fit(_regroup(truth), features, seed=0)["k"] == expected
+
+
+def test_activation_engine_counts_shared_active_units_and_finds_units_owned_by_tasks():
+    torch.manual_seed(0)
+    tasks, units = 4, 8  # one-hot task code, then 16 noise bits; each task opens its own 8 hidden units
+    model = MLPClassifier(tasks + 16, tasks * units, 1, 2)
+    with torch.no_grad():
+        model.layers[0].linear.weight.copy_(0.02 * torch.randn(tasks * units, tasks + 16))
+        model.layers[0].linear.weight[:, :tasks] = torch.block_diag(*[torch.ones(units, 1)] * tasks)
+        model.layers[0].linear.bias.fill_(-0.5)
+    truth = np.repeat(np.arange(tasks), 10)
+    inputs = torch.cat([torch.eye(tasks)[truth], torch.randint(0, 2, (len(truth), 16)).float()], 1)
+    labels = torch.randint(0, 2, (len(truth),))
+    patterns = active_unit_patterns(model, inputs)
+    torch.testing.assert_close(patterns, (model.layers[0].linear(inputs) > 0).float())
+    gram = example_gram(model, inputs, labels, "activations")
+    torch.testing.assert_close(gram, (patterns @ patterns.T).double())
+    assert patterns[:, :units].sum(1).gt(0).tolist() == (truth == 0).tolist()
+    found = discover(model, inputs, labels, DiscoveryOptions(engine="activations", num_groups=tasks), seed=0)
+    assert found.record(truth)["ari"] == 1.0
+    with pytest.raises(CapshapeError, match="sites 'layers.3.hidden'.*layers.0.hidden"):
+        example_gram(model, inputs, labels, "activations", sites="layers.3.hidden")
 
 
 def test_similarities_centring_and_loss_filter():
@@ -216,7 +239,10 @@ def test_gradient_cluster_assigns_by_average_linkage_and_uses_grouped_weights():
                           "similarity": "abs"}),
     ("gradient_cluster", {"regroup_every": 4, "n_examples": 24, "feature_dim": 32, "num_groups": 2, "engine": "exact",
                           "subset": "all", "max_loss": 2.0}),
+    ("gradient_cluster", {"regroup_every": 4, "n_examples": 24, "feature_dim": 32, "num_groups": 2,
+                          "engine": "activations", "sites": "blocks.0.mlp.hidden,blocks.0.attn.z"}),
     ("svd_grouped", {"regroup_every": 4, "n_examples": 24, "feature_dim": 32}),
+    ("svd_grouped", {"regroup_every": 4, "n_examples": 24, "feature_dim": 32, "engine": "activations"}),
 ])
 def test_gradient_objectives_train_end_to_end_and_record_regroupings(tmp_path, tiny_config, objective, params):
     config = tiny_config.model_copy(update={"objectives": [objective], "objective": {objective: params}})

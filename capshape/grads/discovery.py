@@ -19,16 +19,19 @@ from capshape.models import per_example_losses
 
 
 class GradientFeatureOptions(BaseModel):
-    """Which per-example gradients: the engine and the parameters (shared by every gradient-space objective)."""
+    """Which per-example features: the engine and the parameters (shared by every gradient-space objective)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    engine: Literal["exact", "gram", "sketch"] = Field(
+    engine: Literal["exact", "gram", "sketch", "activations"] = Field(
         "exact", description="Per-example gradient Gram: exact (per-example gradients, any parameter), gram (exact, linear layers), "
-                            "sketch (random projection of linear layers, sketch_dim coordinates).")
+                            "sketch (random projection of linear layers, sketch_dim coordinates); or, not a gradient, "
+                            "activations (the pattern of active units at `sites`).")
     subset: str = Field("lower:1", description="Parameters: all, no_embed_norm, lower:<n> (embeddings and the first n "
                                                "blocks), output, block:<i>, or name prefixes separated by commas.")
     sketch_dim: int = Field(1024, gt=0, description="Sketch size when engine = 'sketch'.")
+    sites: str = Field("first_hidden", description="Activation sites when engine = 'activations': first_hidden (the "
+                                                   "first MLP's hidden layer) or site names separated by commas.")
 
 
 class DiscoveryOptions(GradientFeatureOptions):
@@ -99,5 +102,6 @@ def discover(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
              seed: int) -> Discovery:
     """Cluster the examples (inputs, labels) by their gradients under `model`."""
     losses = example_losses(model, inputs, labels) if options.max_loss is not None else None
-    gram = example_gram(model, inputs, labels, options.engine, options.subset, options.sketch_dim, seed)
+    gram = example_gram(model, inputs, labels, options.engine, options.subset, options.sketch_dim, seed,
+                        sites=options.sites)
     return cluster_gram(gram.cpu().numpy(), losses, options, seed)

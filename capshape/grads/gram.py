@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from capshape.errors import CapshapeError
+from capshape.grads.activations import activation_gram
 from capshape.grads.capture import capture_linear_io, linear_layers
 from capshape.grads.exact import per_example_gradients
 from capshape.grads.sketch import GradientSketcher
@@ -58,7 +59,7 @@ def sketch_gram(sketches: torch.Tensor) -> torch.Tensor:
 
 
 SUBSETS = ("all", "no_embed_norm", "lower:<n>", "output", "block:<i>", "a comma-separated list of parameter-name prefixes")
-ENGINES = ("exact", "gram", "sketch")
+ENGINES = ("exact", "gram", "sketch", "activations")
 
 
 def subset_parameters(model: nn.Module, subset: str) -> list[str]:
@@ -110,11 +111,15 @@ def subset_linear_layers(model: nn.Module, subset: str, engine: str) -> list[str
 
 def example_gram(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, engine: str = "gram",
                  subset: str = "no_embed_norm", sketch_dim: int = 1024, seed: int = 0,
-                 factors: Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]] | None = None) -> torch.Tensor:
+                 factors: Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                 sites: str = "first_hidden") -> torch.Tensor:
     """G [N, N] float64, G_nm = <∇ℓ_n, ∇ℓ_m> over the parameters of `subset`, by `engine`: `exact`
     (per_example_gradients, any parameter), `gram` (exact, linear layers only, from token sums)
     or `sketch` (the unbiased GradientSketcher estimate with `sketch_dim` coordinates, linear layers
-    only). `factors(layers)`: where the linear engines get capture_linear_io factors (default: captured here)."""
+    only). `factors(layers)`: where the linear engines get capture_linear_io factors (default: captured here).
+    `activations` is not a gradient: the Gram of the active-unit patterns at `sites` (capshape.grads.activations)."""
+    if engine == "activations":
+        return activation_gram(model, inputs, sites)
     if engine == "exact":
         grads = per_example_gradients(model, inputs, labels, params=subset_parameters(model, subset))
         return (grads @ grads.T).double()  # float32 products: 3.5x faster than float64, cosines within 1e-6

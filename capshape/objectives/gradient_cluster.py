@@ -54,7 +54,7 @@ class GradientCluster(GradientGroupedObjective):
         params, model = self.params, regroup.model
         losses = example_losses(model, regroup.inputs, regroup.labels) if params.max_loss is not None else None
         gram = example_gram(model, regroup.inputs, regroup.labels, params.engine, params.subset, params.sketch_dim,
-                            seed, factors=regroup.factors)
+                            seed, factors=regroup.factors, sites=params.sites)
         previous = {k: float(v) for k, v in enumerate(self.criterion.tolist(), start=2)}
         bounded = params.k_max_step and self.refits >= params.k_free_refits
         window = (self.k - params.k_max_step, self.k + params.k_max_step) if bounded else None

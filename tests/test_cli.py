@@ -92,6 +92,7 @@ def test_groups_on_a_run_writes_agreement_and_the_ordered_similarity_matrix(tmp_
 
     for args, message in [(["--step", "4"], "no snapshot at step 4"),
                           (["--set", "similarity=cosin"], "config field 'similarity'"),
+                          (["--set", "sites=blocks.9.mlp.hidden"], "sites 'blocks.9.mlp.hidden' names no activation site"),
                           (["--min-task-accuracy", "1.5"], "only 0 task(s)")]:
         result = runner.invoke(app, ["groups", str(run), "--out", str(tmp_path / "bad"), *args])
         assert result.exit_code == 2 and message in result.output, result.output

@@ -105,6 +105,11 @@ def test_activation_engine_counts_shared_active_units_and_finds_units_owned_by_t
     with pytest.raises(CapshapeError, match="sites 'layers.3.hidden'.*layers.0.hidden"):
         example_gram(model, inputs, labels, "activations", sites="layers.3.hidden")
 
+    transformer, tokens, _ = _tiny_transformer_batch(5)  # sequences: per-position patterns, pooled by default
+    every_position = active_unit_patterns(transformer, tokens, "blocks.0.mlp.hidden", pool_positions=False)
+    assert every_position.shape == (5, 10 * 32) and set(every_position.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(active_unit_patterns(transformer, tokens), every_position.view(5, 10, 32).mean(1))
+
 
 def test_similarities_centring_and_loss_filter():
     gram = np.array([[4.0, -2.0, 0.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 9.0]])  # cos(0, 1) = -1

@@ -1,8 +1,10 @@
 """Active-unit patterns: a feature for group discovery that is not a gradient.
 
-Example n's feature is the indicator of which units are active (> 0) at the chosen named sites, over
-every position: φ_n = 1[h_n > 0], flattened, so G_nm = φ_n·φ_m counts the units active in both. For
-ReLU and GELU units it is the pattern of gates the example opens. A unit's per-example gradient is its
+Example n's feature is the indicator of which units are active (> 0) at the chosen named sites: for
+a sequence, by default the fraction of positions at which each unit is active, φ_nu = mean_t 1[h_ntu > 0]
+(a capability's machinery should not depend on where in the row it runs; `pool_positions = False`
+keeps every position's pattern, flattened); G_nm = φ_n·φ_m. For ReLU and GELU units it is the pattern
+of gates the example opens. A unit's per-example gradient is its
 activity times the weight that reads it out, so the gradient's direction is dominated by the units with
 the largest readout weights; the pattern weighs every unit alike. Measured against gradients in the
 README ("Finding the groups").
@@ -31,23 +33,27 @@ def hidden_sites(model: nn.Module, sites: str) -> list[str]:
 
 
 @torch.no_grad()
-def active_unit_patterns(model: nn.Module, inputs: torch.Tensor, sites: str = "first_hidden") -> torch.Tensor:
-    """[N, units] float: 1 where a unit at the sites is active (> 0) for the example, every position flattened."""
+def active_unit_patterns(model: nn.Module, inputs: torch.Tensor, sites: str = "first_hidden",
+                         pool_positions: bool = True) -> torch.Tensor:
+    """[N, units] float: for each unit at the sites, the fraction of the example's positions at which it is
+    active (> 0); with pool_positions = False, 1[active] at every position, flattened."""
     chosen = hidden_sites(model, sites)
     seen: dict[str, torch.Tensor] = {}
 
     def keep(name):
         def fn(x):
-            seen[name] = (x > 0).flatten(1)
+            active = (x > 0).float()
+            seen[name] = active.mean(1) if pool_positions and active.dim() == 3 else active.flatten(1)
             return x
         return fn
 
     with model.attach({name: keep(name) for name in chosen}):
         model(inputs)
-    return torch.cat([seen[name] for name in chosen], 1).float()
+    return torch.cat([seen[name] for name in chosen], 1)
 
 
-def activation_gram(model: nn.Module, inputs: torch.Tensor, sites: str = "first_hidden") -> torch.Tensor:
-    """G [N, N] float64, G_nm = the number of units active in both examples (see module docstring)."""
-    patterns = active_unit_patterns(model, inputs, sites)
+def activation_gram(model: nn.Module, inputs: torch.Tensor, sites: str = "first_hidden",
+                    pool_positions: bool = True) -> torch.Tensor:
+    """G [N, N] float64, G_nm = φ_n·φ_m (see module docstring)."""
+    patterns = active_unit_patterns(model, inputs, sites, pool_positions).double()
     return (patterns @ patterns.T).double()

@@ -2,7 +2,8 @@
 
 One pipeline, used offline by `capshape groups` and at every refit of `gradient_cluster`. Each
 choice is a field of `DiscoveryOptions`; the defaults are the measured winners of the ablation in
-the README ("Finding the groups").
+the README ("Finding the groups"), where the features that won are not gradients but the pattern of
+active units of the first MLP layer (`engine = "activations"`).
 """
 from __future__ import annotations
 
@@ -32,10 +33,17 @@ class GradientFeatureOptions(BaseModel):
     sketch_dim: int = Field(1024, gt=0, description="Sketch size when engine = 'sketch'.")
     sites: str = Field("first_hidden", description="Activation sites when engine = 'activations': first_hidden (the "
                                                    "first MLP's hidden layer) or site names separated by commas.")
+    pool_positions: bool = Field(True, description="With engine = 'activations' on sequences: each unit's fraction of "
+                                                   "active positions (False: every position's pattern, flattened).")
 
 
 class DiscoveryOptions(GradientFeatureOptions):
-    """The gradients (GradientFeatureOptions) and how they are clustered."""
+    """The features (GradientFeatureOptions) and how they are clustered. The default features are the
+    active-unit patterns, not gradients: they recovered the tasks better than every gradient choice
+    measured (README, "Finding the groups"); `engine = "exact"` clusters per-example gradients."""
+
+    engine: Literal["exact", "gram", "sketch", "activations"] = Field(
+        "activations", description=GradientFeatureOptions.model_fields["engine"].description)
 
     similarity: Literal["cosine", "angular", "abs", "squared"] = Field(
         "squared", description="Affinity from the cosine C: max(C,0), 1 − arccos(C)/π, |C| or C².")
@@ -103,5 +111,5 @@ def discover(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
     """Cluster the examples (inputs, labels) by their gradients under `model`."""
     losses = example_losses(model, inputs, labels) if options.max_loss is not None else None
     gram = example_gram(model, inputs, labels, options.engine, options.subset, options.sketch_dim, seed,
-                        sites=options.sites)
+                        sites=options.sites, pool_positions=options.pool_positions)
     return cluster_gram(gram.cpu().numpy(), losses, options, seed)

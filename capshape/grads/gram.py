@@ -112,14 +112,14 @@ def subset_linear_layers(model: nn.Module, subset: str, engine: str) -> list[str
 def example_gram(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, engine: str = "gram",
                  subset: str = "no_embed_norm", sketch_dim: int = 1024, seed: int = 0,
                  factors: Callable[[list[str]], list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
-                 sites: str = "first_hidden") -> torch.Tensor:
+                 sites: str = "first_hidden", pool_positions: bool = True) -> torch.Tensor:
     """G [N, N] float64, G_nm = <∇ℓ_n, ∇ℓ_m> over the parameters of `subset`, by `engine`: `exact`
     (per_example_gradients, any parameter), `gram` (exact, linear layers only, from token sums)
     or `sketch` (the unbiased GradientSketcher estimate with `sketch_dim` coordinates, linear layers
     only). `factors(layers)`: where the linear engines get capture_linear_io factors (default: captured here).
     `activations` is not a gradient: the Gram of the active-unit patterns at `sites` (capshape.grads.activations)."""
     if engine == "activations":
-        return activation_gram(model, inputs, sites)
+        return activation_gram(model, inputs, sites, pool_positions)
     if engine == "exact":
         grads = per_example_gradients(model, inputs, labels, params=subset_parameters(model, subset))
         return (grads @ grads.T).double()  # float32 products: 3.5x faster than float64, cosines within 1e-6

@@ -1,16 +1,18 @@
-"""`gradient_cluster`: the grouped loss Σ_g ℓ_g^p over groups discovered by clustering per-example
-gradients: examples whose gradients lie along the same directions likely use the same machinery.
+"""`gradient_cluster`: the grouped loss Σ_g ℓ_g^p over groups discovered from the model's own per-example
+features: examples that use the same machinery should land together.
 
-At each regrouping the drawn examples go through the discovery pipeline (capshape.grads.discovery:
-by default the exact per-example gradients of the embeddings and the first block, the sign-invariant
+At each regrouping the drawn examples go through the discovery pipeline (capshape.grads.discovery).
+Its default features are not gradients but the pattern of active units of the first MLP layer, which
+recovered the tasks better than every per-example gradient choice measured (`engine = "exact"` and
+`subset` select the gradients instead; README, "Finding the groups"); then the sign-invariant
 similarity C², spectral clustering on the 10-nearest-neighbour graph, k by the eigengap averaged over
 refits and, after the first `k_free_refits` refits, moved by at most `k_max_step` per refit: a trust
 region that keeps a flat eigengap curve from throwing k around, opened only once the model has trained
-enough for its first k to mean something). Training batches are then assigned by average linkage in the per-batch
-feature space: example x goes to the group c maximising mean_{j∈c} S(x, j), S the same similarity on
-the features u = f/‖f‖ of x and of the regrouping examples j (for C² this is u_xᵀ M_c u_x with M_c the
-mean of u_j u_jᵀ over the group). The record reports how often that rule reproduces the clustering on
-the regrouping examples themselves (`assignment_agreement`).
+enough for its first k to mean something. Training batches are then assigned by average linkage in the
+per-batch feature space: example x goes to the group c maximising mean_{j∈c} S(x, j), S the same
+similarity on the features u = f/‖f‖ of x and of the regrouping examples j (for C² this is u_xᵀ M_c u_x
+with M_c the mean of u_j u_jᵀ over the group). The record reports how often that rule reproduces the
+clustering on the regrouping examples themselves (`assignment_agreement`).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ class GradientCluster(GradientGroupedObjective):
         params, model = self.params, regroup.model
         losses = example_losses(model, regroup.inputs, regroup.labels) if params.max_loss is not None else None
         gram = example_gram(model, regroup.inputs, regroup.labels, params.engine, params.subset, params.sketch_dim,
-                            seed, factors=regroup.factors, sites=params.sites)
+                            seed, factors=regroup.factors, sites=params.sites, pool_positions=params.pool_positions)
         previous = {k: float(v) for k, v in enumerate(self.criterion.tolist(), start=2)}
         bounded = params.k_max_step and self.refits >= params.k_free_refits
         window = (self.k - params.k_max_step, self.k + params.k_max_step) if bounded else None

@@ -59,7 +59,7 @@ class SVDGrouped(GradientGroupedObjective):
     def fit(self, regroup: Regroup, features: torch.Tensor, seed: int) -> dict:
         p = self.params
         gram = example_gram(regroup.model, regroup.inputs, regroup.labels, p.engine, p.subset, p.sketch_dim, seed,
-                            factors=regroup.factors, sites=p.sites)
+                            factors=regroup.factors, sites=p.sites, pool_positions=p.pool_positions)
         return self.fit_gram(gram.cpu(), features, regroup.task_ids)
 
     def fit_gram(self, gram: torch.Tensor, features: torch.Tensor, task_ids: np.ndarray) -> dict:

@@ -62,8 +62,9 @@ def groups_report(path: Path) -> tuple[dict[str, bytes], str]:
     left_out = (f"<p>Left out (held-out accuracy below {record['min_task_accuracy']}): "
                 f"{escape(', '.join(record['tasks_left_out']))}.</p>" if record["tasks_left_out"] else "")
     parts = [
-        f"<h1>Groups found from gradients</h1><p>Run <code>{escape(record['run'])}</code>, step {record['step']}: "
-        f"{record['kept']} held-out examples ({record['per_task']} per task) of {len(tasks)} tasks.</p>",
+        f"<h1>Groups found from gradients or activations</h1><p>Run <code>{escape(record['run'])}</code>, step "
+        f"{record['step']}: {record['kept']} held-out examples ({record['per_task']} per task) of {len(tasks)} tasks; "
+        f"features: {escape(record['options']['engine'])}.</p>",
         section("Agreement with the true tasks",
                 f"<table><tr><th>ARI</th><th>NMI</th><th>purity</th><th>k found</th><th>true k</th></tr>"
                 f"<tr><td>{number(record['ari'])}</td><td>{number(record['nmi'])}</td><td>{number(record['purity'])}</td>"

@@ -205,8 +205,8 @@ def render_page(experiment: Experiment, images: dict[str, bytes]) -> str:
             image(images, "composition", "composition check")))
     if "regrouping" in images:
         sections.append(section(
-            "Groups found from gradients",
-            "<p>At each regrouping of a gradient-grouped objective: agreement of its groups with the true tasks "
+            "Groups found from gradients or activations",
+            "<p>At each regrouping of an objective that finds its own groups: agreement of its groups with the true tasks "
             "(adjusted Rand index, purity; never used for training), the number of groups or kept singular "
             "directions, and, at the last regrouping, the k criterion curve and the singular values.</p>",
             image(images, "regrouping", "regrouping diagnostics"),

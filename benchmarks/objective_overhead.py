@@ -18,7 +18,9 @@ from capshape.models import build_model
 from capshape.objectives import build_objective
 from capshape.train.loop import StepHooks, make_optimizer, prepare_data, training_step
 
-OBJECTIVES = ("mean", "grouped", "gradient_cluster", "svd_grouped")
+ARMS = {"mean": ("mean", {}), "grouped": ("grouped", {}), "gradient_cluster": ("gradient_cluster", {}),
+        "svd_grouped": ("svd_grouped", {}),
+        "gradient_cluster, features=activations": ("gradient_cluster", {"features": "activations"})}
 
 
 def main() -> None:
@@ -34,15 +36,15 @@ def main() -> None:
     prepared = prepare_data(config, seed=0)
     steps = args.periods * args.regroup_every
     runs = {}
-    for name in OBJECTIVES:
-        params = {}
-        if name in ("gradient_cluster", "svd_grouped"):
-            params = {"regroup_every": args.regroup_every, **({} if args.n_examples is None else {"n_examples": args.n_examples})}
+    for name, (objective, params) in ARMS.items():
+        if objective in ("gradient_cluster", "svd_grouped"):
+            params = {**params, "regroup_every": args.regroup_every,
+                      **({} if args.n_examples is None else {"n_examples": args.n_examples})}
         torch.manual_seed(0)
         model = build_model(config.model, prepared.suite.input_spec).to(args.device)
-        runs[name] = (model, build_objective(name, params, len(prepared.group_names)), make_optimizer(model, config),
+        runs[name] = (model, build_objective(objective, params, len(prepared.group_names)), make_optimizer(model, config),
                       prepared.sampler(config, seed=0))
-    seconds = dict.fromkeys(OBJECTIVES, 0.0)
+    seconds = dict.fromkeys(ARMS, 0.0)
     for step in range(steps):  # interleaved, so that load changes hit every objective alike
         for name, (model, objective, optimizer, sampler) in runs.items():
             started = time.perf_counter()
@@ -53,9 +55,9 @@ def main() -> None:
     print(f"device={args.device} threads={args.threads} batch={config.train.batch_size} steps={steps} "
           f"regroup_every={args.regroup_every} (regroupings at steps 0, {args.regroup_every}, ...) "
           f"n_examples={args.n_examples or 'default'}")
-    print(f"{'objective':<18} {'ms/step':>8} {'vs mean':>8}")
+    print(f"{'objective':<40} {'ms/step':>8} {'vs mean':>8}")
     for name, total in seconds.items():
-        print(f"{name:<18} {1000 * total / steps:>8.2f} {total / seconds['mean']:>8.3f}")
+        print(f"{name:<40} {1000 * total / steps:>8.2f} {total / seconds['mean']:>8.3f}")
 
 
 if __name__ == "__main__":

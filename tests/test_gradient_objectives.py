@@ -109,6 +109,10 @@ def test_activation_engine_counts_shared_active_units_and_finds_units_owned_by_t
     every_position = active_unit_patterns(transformer, tokens, "blocks.0.mlp.hidden", pool_positions=False)
     assert every_position.shape == (5, 10 * 32) and set(every_position.unique().tolist()) <= {0.0, 1.0}
     torch.testing.assert_close(active_unit_patterns(transformer, tokens), every_position.view(5, 10, 32).mean(1))
+    objective = build_objective("gradient_cluster", {"features": "activations"}, num_groups=1)
+    with objective.forward_context(transformer, None):  # the training forward records the batch's patterns
+        transformer(tokens)
+    torch.testing.assert_close(objective.batch_features(transformer, None), active_unit_patterns(transformer, tokens))
 
 
 def test_similarities_centring_and_loss_filter():
@@ -248,6 +252,8 @@ def test_gradient_cluster_assigns_by_average_linkage_and_uses_grouped_weights():
                           "engine": "activations", "sites": "blocks.0.mlp.hidden,blocks.0.attn.z"}),
     ("svd_grouped", {"regroup_every": 4, "n_examples": 24, "feature_dim": 32}),
     ("svd_grouped", {"regroup_every": 4, "n_examples": 24, "feature_dim": 32, "engine": "activations"}),
+    ("gradient_cluster", {"regroup_every": 4, "n_examples": 24, "features": "activations", "max_groups": 6}),
+    ("svd_grouped", {"regroup_every": 4, "n_examples": 24, "features": "activations"}),
 ])
 def test_gradient_objectives_train_end_to_end_and_record_regroupings(tmp_path, tiny_config, objective, params):
     config = tiny_config.model_copy(update={"objectives": [objective], "objective": {objective: params}})
@@ -259,9 +265,10 @@ def test_gradient_objectives_train_end_to_end_and_record_regroupings(tmp_path, t
     assert "Groups found from gradients" in build_report(tmp_path / "r").read_text()
 
 
-@pytest.mark.parametrize("objective", ["svd_grouped", "gradient_cluster"])
-def test_gradient_objective_resume_is_exact(tmp_path, tiny_config, objective):
-    params = {"regroup_every": 3, "n_examples": 24, "feature_dim": 32}
+@pytest.mark.parametrize("objective, features", [("svd_grouped", "output_layer"), ("gradient_cluster", "output_layer"),
+                                                 ("gradient_cluster", "activations")])
+def test_gradient_objective_resume_is_exact(tmp_path, tiny_config, objective, features):
+    params = {"regroup_every": 3, "n_examples": 24, "feature_dim": 32, "features": features}
     config = tiny_config.model_copy(update={"objectives": [objective], "objective": {objective: params}})
     train_run(RunSpec.of(config, objective, 0), tmp_path / "whole")
 

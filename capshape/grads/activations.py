@@ -32,24 +32,38 @@ def hidden_sites(model: nn.Module, sites: str) -> list[str]:
     return chosen
 
 
+class ActivationRecorder:
+    """Records the active-unit patterns of every forward pass run inside `record()` (the training
+    forward), so a batch's patterns cost no extra pass: `patterns` [B, units] after the pass."""
+
+    def __init__(self, model: nn.Module, sites: str = "first_hidden", pool_positions: bool = True):
+        self.model, self.sites, self.pool_positions = model, hidden_sites(model, sites), pool_positions
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def record(self):
+        return self.model.attach({name: self._keep(name) for name in self.sites})
+
+    def _keep(self, name: str):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            active = (x.detach() > 0).float()
+            self.seen[name] = active.mean(1) if self.pool_positions and active.dim() == 3 else active.flatten(1)
+            return x
+        return fn
+
+    @property
+    def patterns(self) -> torch.Tensor:
+        return torch.cat([self.seen[name] for name in self.sites], 1)
+
+
 @torch.no_grad()
 def active_unit_patterns(model: nn.Module, inputs: torch.Tensor, sites: str = "first_hidden",
                          pool_positions: bool = True) -> torch.Tensor:
     """[N, units] float: for each unit at the sites, the fraction of the example's positions at which it is
     active (> 0); with pool_positions = False, 1[active] at every position, flattened."""
-    chosen = hidden_sites(model, sites)
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def fn(x):
-            active = (x > 0).float()
-            seen[name] = active.mean(1) if pool_positions and active.dim() == 3 else active.flatten(1)
-            return x
-        return fn
-
-    with model.attach({name: keep(name) for name in chosen}):
+    recorder = ActivationRecorder(model, sites, pool_positions)
+    with recorder.record():
         model(inputs)
-    return torch.cat([seen[name] for name in chosen], 1)
+    return recorder.patterns
 
 
 def activation_gram(model: nn.Module, inputs: torch.Tensor, sites: str = "first_hidden",

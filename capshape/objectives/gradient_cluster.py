@@ -55,8 +55,11 @@ class GradientCluster(GradientGroupedObjective):
     def fit(self, regroup: Regroup, features: torch.Tensor, seed: int) -> dict:
         params, model = self.params, regroup.model
         losses = example_losses(model, regroup.inputs, regroup.labels) if params.max_loss is not None else None
-        gram = example_gram(model, regroup.inputs, regroup.labels, params.engine, params.subset, params.sketch_dim,
-                            seed, factors=regroup.factors, sites=params.sites, pool_positions=params.pool_positions)
+        if params.engine == params.features == "activations":  # the per-batch features are the patterns: no second pass
+            gram = features.double() @ features.double().T
+        else:
+            gram = example_gram(model, regroup.inputs, regroup.labels, params.engine, params.subset, params.sketch_dim,
+                                seed, factors=regroup.factors, sites=params.sites, pool_positions=params.pool_positions)
         previous = {k: float(v) for k, v in enumerate(self.criterion.tolist(), start=2)}
         bounded = params.k_max_step and self.refits >= params.k_free_refits
         window = (self.k - params.k_max_step, self.k + params.k_max_step) if bounded else None

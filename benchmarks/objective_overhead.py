@@ -20,7 +20,8 @@ from capshape.train.loop import StepHooks, make_optimizer, prepare_data, trainin
 
 ARMS = {"mean": ("mean", {}), "grouped": ("grouped", {}), "gradient_cluster": ("gradient_cluster", {}),
         "svd_grouped": ("svd_grouped", {}),
-        "gradient_cluster, features=activations": ("gradient_cluster", {"features": "activations"})}
+        "gradient_cluster, features=activations": ("gradient_cluster", {"features": "activations"}),
+        "gradient_cluster, engine=exact": ("gradient_cluster", {"engine": "exact"})}
 
 
 def main() -> None:

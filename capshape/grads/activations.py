@@ -4,10 +4,9 @@ Example n's feature is the indicator of which units are active (> 0) at the chos
 a sequence, by default the fraction of positions at which each unit is active, φ_nu = mean_t 1[h_ntu > 0]
 (a capability's machinery should not depend on where in the row it runs; `pool_positions = False`
 keeps every position's pattern, flattened); G_nm = φ_n·φ_m. For ReLU and GELU units it is the pattern
-of gates the example opens. A unit's per-example gradient is its
-activity times the weight that reads it out, so the gradient's direction is dominated by the units with
-the largest readout weights; the pattern weighs every unit alike. Measured against gradients in the
-README ("Finding the groups").
+of gates the example opens. A unit's per-example gradient is its activity times the weight that reads
+it out, so the gradient's direction is dominated by the units with the largest readout weights; the
+pattern weighs every unit alike. Measured against gradients in the README ("Finding the groups").
 """
 from __future__ import annotations
 
@@ -70,4 +69,4 @@ def activation_gram(model: nn.Module, inputs: torch.Tensor, sites: str = "first_
                     pool_positions: bool = True) -> torch.Tensor:
     """G [N, N] float64, G_nm = φ_n·φ_m (see module docstring)."""
     patterns = active_unit_patterns(model, inputs, sites, pool_positions).double()
-    return (patterns @ patterns.T).double()
+    return patterns @ patterns.T

@@ -1,4 +1,4 @@
-"""Group discovery: examples -> per-example gradient Gram -> similarity -> k -> clusters.
+"""Group discovery: examples -> per-example feature Gram (gradients or activations) -> similarity -> k -> clusters.
 
 One pipeline, used offline by `capshape groups` and at every refit of `gradient_cluster`. Each
 choice is a field of `DiscoveryOptions`; the defaults are the measured winners of the ablation in
@@ -108,7 +108,7 @@ def example_losses(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.T
 
 def discover(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, options: DiscoveryOptions,
              seed: int) -> Discovery:
-    """Cluster the examples (inputs, labels) by their gradients under `model`."""
+    """Cluster the examples (inputs, labels) by their features under `model` (options.engine)."""
     losses = example_losses(model, inputs, labels) if options.max_loss is not None else None
     gram = example_gram(model, inputs, labels, options.engine, options.subset, options.sketch_dim, seed,
                         sites=options.sites, pool_positions=options.pool_positions)
